@@ -1,0 +1,131 @@
+"""The event contract: JSON Schemas in `schemas/`, compiled once, checked at every ingress.
+
+Contract: `decode(raw, topic)` returns the message as a dict when `raw` is JSON
+whose `kind` belongs to `topic` and which its kind's schema accepts; otherwise
+it raises `InvalidMessage` with a reason a person can act on. `encode()` is the
+one serializer (orjson). Schema files are named `<kind>.v<version>.json`.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import fastjsonschema
+import orjson
+
+from services.pipeline.topics import REGISTRY, Topic
+
+SCHEMA_VERSION = 1
+SCHEMAS_DIR = Path(os.environ.get("MAILER_SCHEMAS_DIR", Path(__file__).resolve().parents[2] / "schemas"))
+
+Message = dict[str, Any]
+
+
+class InvalidMessage(ValueError):
+    """A message that no schema of its topic accepts; `reason` says why."""
+
+    def __init__(self, reason: str, *, campaign_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.campaign_id = campaign_id
+
+
+def schema_path(kind: str, version: int = SCHEMA_VERSION) -> Path:
+    """Where the schema of `kind` at `version` lives."""
+    return SCHEMAS_DIR / f"{kind}.v{version}.json"
+
+
+@cache
+def load_schema(kind: str, version: int = SCHEMA_VERSION) -> dict[str, Any]:
+    """The parsed JSON Schema of `kind`."""
+    return dict(orjson.loads(schema_path(kind, version).read_bytes()))
+
+
+@cache
+def validator(kind: str, version: int = SCHEMA_VERSION) -> Callable[[Any], Any]:
+    """The compiled validator of `kind` (compiled once per process)."""
+    return fastjsonschema.compile(load_schema(kind, version))  # type: ignore[no-any-return]
+
+
+def compile_all() -> None:
+    """Compile every registered kind's schema; fails fast when one is missing or broken."""
+    for spec in REGISTRY.values():
+        for kind in spec.kinds:
+            validator(kind)
+
+
+def validate(message: Message, topic: Topic | None = None) -> Message:
+    """Check `message` against its kind's schema (and `topic`'s kinds); return it."""
+    if not isinstance(message, dict):
+        raise InvalidMessage(f"message must be a JSON object, not {type(message).__name__}")
+    kind = message.get("kind")
+    campaign_id = message.get("campaign_id") if isinstance(message.get("campaign_id"), str) else None
+    if not isinstance(kind, str):
+        raise InvalidMessage("message has no 'kind' string", campaign_id=campaign_id)
+    allowed = REGISTRY[topic].kinds if topic is not None else _all_kinds()
+    if kind not in allowed:
+        where = f" on {topic.value}" if topic is not None else ""
+        raise InvalidMessage(
+            f"unknown kind {kind!r}{where}; expected one of {', '.join(allowed)}",
+            campaign_id=campaign_id,
+        )
+    version = message.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise InvalidMessage(
+            f"{kind}: unsupported schema_version {version!r}; this service reads {SCHEMA_VERSION}",
+            campaign_id=campaign_id,
+        )
+    try:
+        validator(kind)(message)
+    except fastjsonschema.JsonSchemaValueException as exc:
+        raise InvalidMessage(f"{kind}: {exc.message}", campaign_id=campaign_id) from None
+    return message
+
+
+def decode(raw: bytes | None, topic: Topic) -> Message:
+    """Parse and validate one message read from `topic`."""
+    if raw is None:
+        raise InvalidMessage("empty message (null value)")
+    try:
+        message = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidMessage(f"not valid JSON: {exc}") from None
+    return validate(message, topic)
+
+
+def encode(message: Message) -> bytes:
+    """Serialize one message (orjson)."""
+    return orjson.dumps(message)
+
+
+def utc_now() -> str:
+    """The current UTC time as the contract writes it (RFC 3339, milliseconds, `Z`)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def new_message_id() -> str:
+    """A fresh, unique message id."""
+    return str(uuid.uuid4())
+
+
+def envelope(kind: str, **fields: Any) -> Message:
+    """A message of `kind` with the common envelope filled in (fields may override)."""
+    message: Message = {
+        "kind": kind,
+        "schema_version": SCHEMA_VERSION,
+        "message_id": new_message_id(),
+        "occurred_at": utc_now(),
+    }
+    message.update(fields)
+    return message
+
+
+@cache
+def _all_kinds() -> tuple[str, ...]:
+    return tuple(k for spec in REGISTRY.values() for k in spec.kinds)

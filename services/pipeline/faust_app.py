@@ -1,0 +1,57 @@
+"""Builds the faust app of one service, configured the same way for all of them.
+
+Contract: `create_app(service, settings)` returns a faust App on the aiokafka
+transport (`kafka://`) whose consumer group is `settings.app_id(service)`, that
+reads from the earliest offset when its group has none, keeps no faust tables
+(state lives in Postgres), and serves no faust web UI. `run(app, settings)`
+creates the registry's topics, then runs the worker until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import faust
+from faust.worker import Worker
+
+from services.pipeline.kafka_admin import ensure_topics
+from services.pipeline.settings import Settings
+from services.pipeline.topics import REGISTRY, Topic
+
+
+def create_app(service: str, settings: Settings) -> faust.App:
+    """The faust app of `service`."""
+    brokers = ";".join(f"kafka://{b}" for b in settings.kafka_bootstrap_servers.split(","))
+    return faust.App(
+        settings.app_id(service),
+        broker=brokers,
+        store="memory://",
+        key_serializer="raw",
+        value_serializer="raw",
+        broker_session_timeout=settings.broker_session_timeout,
+        broker_heartbeat_interval=settings.broker_heartbeat_interval,
+        broker_commit_interval=settings.broker_commit_interval,
+        consumer_auto_offset_reset="earliest",
+        topic_disable_leader=True,
+        topic_allow_declare=False,
+        web_enabled=False,
+        producer_acks=-1,
+        datadir=f"/tmp/{settings.app_id(service)}-data",
+    )
+
+
+def faust_topic(app: faust.App, topic: Topic, settings: Settings) -> faust.TopicT:
+    """The faust topic object of a registry topic (raw bytes in and out)."""
+    spec = REGISTRY[topic]
+    return app.topic(
+        spec.name(settings),
+        partitions=spec.partitions_for(settings),
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+
+
+def run(app: faust.App, settings: Settings) -> None:
+    """Create topics, then run `app`'s worker in this process until it is stopped."""
+    ensure_topics(settings)
+    loglevel = {"warning": "warn", "critical": "crit"}.get(settings.log_level, settings.log_level)
+    worker = Worker(app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()

@@ -1,0 +1,93 @@
+"""One asyncio-friendly Kafka producer (confluent-kafka) for every service.
+
+Contract: `produce()` queues a message and returns an asyncio future that
+resolves when the broker has acknowledged it (acks=all, idempotent) and
+raises `DeliveryError` when it cannot be delivered. `flush()` waits for every
+queued message. A background thread serves delivery reports, so the event
+loop never blocks on librdkafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from confluent_kafka import KafkaError, Message, Producer
+
+from services.pipeline.settings import Settings
+
+
+class DeliveryError(RuntimeError):
+    """The broker did not accept a produced message."""
+
+
+class AsyncProducer:
+    """A confluent-kafka producer whose deliveries resolve asyncio futures."""
+
+    def __init__(self, settings: Settings, *, client_id: str, **overrides: Any) -> None:
+        config: dict[str, Any] = {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "client.id": client_id,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "batch.num.messages": 10000,
+            "queue.buffering.max.messages": 500000,
+            "message.timeout.ms": 120000,
+        }
+        config.update(overrides)
+        self._producer = Producer(config)
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll_loop, name=f"{client_id}-poll", daemon=True)
+        self._poller.start()
+
+    def _poll_loop(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.1)
+
+    def produce(self, topic: str, value: bytes, key: bytes | str | None = None) -> asyncio.Future[None]:
+        """Queue one message; the future resolves once the broker has it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            loop.call_soon_threadsafe(_resolve, future, err)
+
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                return future
+            except BufferError:
+                self._producer.poll(0.05)
+
+    async def produce_all(self, messages: list[tuple[str, bytes | str | None, bytes]]) -> None:
+        """Produce (topic, key, value) triples and wait until the broker has all of them."""
+        futures = [self.produce(topic, value, key) for topic, key, value in messages]
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def flush(self, timeout: float = 60.0) -> None:
+        """Wait until every queued message is delivered (or `timeout` passes)."""
+        remaining = await asyncio.get_running_loop().run_in_executor(
+            None, self._producer.flush, timeout
+        )
+        if remaining:
+            raise DeliveryError(f"{remaining} messages still undelivered after {timeout}s")
+
+    async def close(self) -> None:
+        """Flush, then stop the delivery-report thread."""
+        try:
+            await self.flush()
+        finally:
+            self._stop.set()
+            self._poller.join(timeout=2)
+
+
+def _resolve(future: asyncio.Future[None], err: KafkaError | None) -> None:
+    if future.done():
+        return
+    if err is None:
+        future.set_result(None)
+    else:
+        future.set_exception(DeliveryError(str(err)))

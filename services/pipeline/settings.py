@@ -1,0 +1,207 @@
+"""Every setting of the mailer, with its environment variable, default and meaning.
+
+Contract: `Settings.from_env()` reads each field from the variable named in its
+metadata (``MAILER_`` prefix unless the variable is a well-known one such as
+``KAFKA_BOOTSTRAP_SERVERS``), falls back to the default, and raises
+`SettingsError` naming the variable when a value cannot be parsed. Secrets are
+never part of `Settings.__repr__` nor of `describe()` output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """A setting's environment variable holds a value that cannot be used."""
+
+
+def setting(env: str, default: Any, doc: str, *, secret: bool = False) -> Any:
+    """Declare one setting: its environment variable, default and meaning."""
+    return field(default=default, metadata={"env": env, "doc": doc, "secret": secret}, repr=not secret)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole configuration of every service; one instance per process."""
+
+    # --- infrastructure -------------------------------------------------------
+    kafka_bootstrap_servers: str = setting(
+        "KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092",
+        "Kafka bootstrap servers (host:port[,host:port]); Apache Kafka in production, "
+        "the embedded tansu broker in the demo and tests.",
+    )
+    database_url: str = setting(
+        "DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/mailer",
+        "PostgreSQL URL of the projections, claims and planner state.",
+        secret=True,
+    )
+    redis_url: str = setting(
+        "REDIS_URL", "redis://127.0.0.1:6379/0", "Redis URL of the shared limiter.", secret=True
+    )
+    topic_prefix: str = setting(
+        "MAILER_TOPIC_PREFIX", "",
+        "Prefix put before every topic name (lets several pipelines share one cluster).",
+    )
+    app_id_prefix: str = setting(
+        "MAILER_APP_ID_PREFIX", "mailer",
+        "Prefix of every consumer group / faust app id (`<prefix>-planner`, ...).",
+    )
+    send_commands_partitions: int = setting(
+        "MAILER_SEND_COMMANDS_PARTITIONS", 8,
+        "Partitions of the send-commands topic: the upper bound of sender parallelism.",
+    )
+    topic_replication_factor: int = setting(
+        "MAILER_TOPIC_REPLICATION_FACTOR", 1, "Replication factor of topics created at start-up."
+    )
+    # --- consumer behaviour ---------------------------------------------------
+    broker_session_timeout: float = setting(
+        "MAILER_BROKER_SESSION_TIMEOUT", 6.0,
+        "Consumer-group session timeout in seconds (a join takes about half of it on tansu).",
+    )
+    broker_heartbeat_interval: float = setting(
+        "MAILER_BROKER_HEARTBEAT_INTERVAL", 1.0, "Consumer heartbeat interval in seconds."
+    )
+    broker_commit_interval: float = setting(
+        "MAILER_BROKER_COMMIT_INTERVAL", 1.0, "How often acknowledged offsets are committed (s)."
+    )
+    # --- planner --------------------------------------------------------------
+    max_chunk_recipients: int = setting(
+        "MAILER_MAX_CHUNK_RECIPIENTS", 1000, "Most recipients one recipient chunk may hold."
+    )
+    # --- sender ---------------------------------------------------------------
+    sender_concurrency: int = setting(
+        "MAILER_SENDER_CONCURRENCY", 16, "Send commands one sender process works on at once."
+    )
+    smtp_host: str = setting("MAILER_SMTP_HOST", "127.0.0.1", "SMTP server of the default account.")
+    smtp_port: int = setting("MAILER_SMTP_PORT", 2525, "SMTP port of the default account.")
+    smtp_tls: str = setting(
+        "MAILER_SMTP_TLS", "none",
+        "TLS mode of the default account: `none`, `starttls` or `tls` (implicit TLS).",
+    )
+    smtp_username: str = setting(
+        "MAILER_SMTP_USERNAME", "", "SMTP user name of the default account (empty: no AUTH)."
+    )
+    smtp_password: str = setting(
+        "MAILER_SMTP_PASSWORD", "", "SMTP password of the default account.", secret=True
+    )
+    smtp_password_file: str = setting(
+        "MAILER_SMTP_PASSWORD_FILE", "",
+        "File holding the SMTP password (a mounted secret); wins over MAILER_SMTP_PASSWORD.",
+    )
+    smtp_timeout: float = setting(
+        "MAILER_SMTP_TIMEOUT", 30.0, "Seconds to wait for any SMTP reply."
+    )
+    smtp_pool_size: int = setting(
+        "MAILER_SMTP_POOL_SIZE", 8, "Most open SMTP connections per account per sender process."
+    )
+    smtp_validate_certs: bool = setting(
+        "MAILER_SMTP_VALIDATE_CERTS", True, "Verify the SMTP server's TLS certificate."
+    )
+    message_id_domain: str = setting(
+        "MAILER_MESSAGE_ID_DOMAIN", "mailer.local",
+        "Domain part of the deterministic Message-ID header (`<send_id@domain>`).",
+    )
+    # --- reconciler -----------------------------------------------------------
+    reconciler_batch_size: int = setting(
+        "MAILER_RECONCILER_BATCH_SIZE", 500, "Most messages the reconciler writes in one transaction."
+    )
+    reconciler_batch_seconds: float = setting(
+        "MAILER_RECONCILER_BATCH_SECONDS", 0.5, "Longest wait to fill a reconciler batch (s)."
+    )
+    http_host: str = setting("MAILER_HTTP_HOST", "0.0.0.0", "Interface of the poll endpoint.")
+    http_port: int = setting(
+        "MAILER_HTTP_PORT", 8080, "Port of the reconciler's poll endpoint (`GET /campaigns/{id}`)."
+    )
+    failed_recipients_limit: int = setting(
+        "MAILER_FAILED_RECIPIENTS_LIMIT", 100,
+        "Most failed recipients listed by the poll endpoint (the count is always exact).",
+    )
+    # --- logging --------------------------------------------------------------
+    log_level: str = setting("MAILER_LOG_LEVEL", "info", "Log level: debug, info, warn, error.")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from `environ` (default `os.environ`), validating every value."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            var = f.metadata["env"]
+            if var in env:
+                values[f.name] = _parse(var, env[var], type(f.default))
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Raise `SettingsError` for values that parse but make no sense."""
+        if self.smtp_tls not in ("none", "starttls", "tls"):
+            raise SettingsError(
+                f"MAILER_SMTP_TLS must be none, starttls or tls, not {self.smtp_tls!r}"
+            )
+        for name in ("send_commands_partitions", "sender_concurrency", "smtp_pool_size",
+                     "max_chunk_recipients", "reconciler_batch_size"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{env_var(name)} must be at least 1")
+
+    def smtp_secret(self) -> str:
+        """The default account's SMTP password, read from the secret file when one is set."""
+        if self.smtp_password_file:
+            try:
+                with open(self.smtp_password_file, encoding="utf-8") as fh:
+                    return fh.read().strip()
+            except OSError as exc:
+                raise SettingsError(
+                    f"MAILER_SMTP_PASSWORD_FILE cannot be read ({exc.strerror})"
+                ) from None
+        return self.smtp_password
+
+    def app_id(self, service: str) -> str:
+        """Faust app id, and so consumer group, of `service`."""
+        return f"{self.app_id_prefix}-{service}"
+
+
+def env_var(field_name: str) -> str:
+    """The environment variable of one settings field."""
+    for f in dataclasses.fields(Settings):
+        if f.name == field_name:
+            return str(f.metadata["env"])
+    raise KeyError(field_name)
+
+
+def describe() -> Iterator[tuple[str, str, str]]:
+    """(variable, default, meaning) for every setting; secrets' defaults are shown."""
+    for f in dataclasses.fields(Settings):
+        default = f.default
+        shown = str(default).lower() if isinstance(default, bool) else str(default)
+        yield f.metadata["env"], shown, f.metadata["doc"]
+
+
+def markdown_table() -> str:
+    """The settings table the README shows."""
+    rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+    for var, default, doc in describe():
+        rows.append(f"| `{var}` | `{default}` | {doc} |")
+    return "\n".join(rows)
+
+
+def _parse(var: str, raw: str, kind: type) -> Any:
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        return raw
+    except ValueError:
+        raise SettingsError(f"{var}={raw!r} is not a valid {kind.__name__}") from None
