@@ -1,0 +1,146 @@
+"""`mailer`: the one command line of the pipeline.
+
+Contract: every service, tool and the demo is a subcommand; `build_parser()`
+is the single source of the subcommand names (docker-compose.yml and the
+tests check against it). Each subcommand imports its module lazily so a tool
+never pays for a service it does not run. Exit status 2 means bad input, with
+a one-line error on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from services.pipeline.settings import Settings, SettingsError, markdown_table
+
+
+def _run_planner(args: argparse.Namespace, settings: Settings) -> int:
+    from services.planner.app import run
+
+    run(settings)
+    return 0
+
+
+def _run_sender(args: argparse.Namespace, settings: Settings) -> int:
+    from services.sender.app import run
+
+    run(settings)
+    return 0
+
+
+def _run_reconciler(args: argparse.Namespace, settings: Settings) -> int:
+    from services.reconciler.app import run
+
+    run(settings)
+    return 0
+
+
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from services.pipeline.migrations import migrate
+
+    for name in migrate(settings.database_url):
+        print(f"applied {name}")
+    return 0
+
+
+def _topics(args: argparse.Namespace, settings: Settings) -> int:
+    from services.pipeline.kafka_admin import ensure_topics
+
+    created = ensure_topics(settings)
+    print("created: " + (", ".join(created) if created else "nothing (all topics exist)"))
+    return 0
+
+
+def _publish(args: argparse.Namespace, settings: Settings) -> int:
+    from services.pipeline.publish import publish_command
+
+    return publish_command(args, settings)
+
+
+def _show(args: argparse.Namespace, settings: Settings) -> int:
+    from services.reconciler.campaign_view import show_command
+
+    return show_command(args, settings)
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from services.pipeline.demo import run_demo
+
+    return run_demo(args, settings)
+
+
+def _smtp_sink(args: argparse.Namespace, settings: Settings) -> int:
+    from services.pipeline.smtp_sink import run_sink
+
+    return run_sink(args)
+
+
+def _settings(args: argparse.Namespace, settings: Settings) -> int:
+    print(markdown_table())
+    return 0
+
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every `mailer` subcommand."""
+    parser = argparse.ArgumentParser(prog="mailer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    add("planner", _run_planner, "run the planner service (faust worker)")
+    add("sender", _run_sender, "run a sender service (faust worker)")
+    add("reconciler", _run_reconciler, "run the reconciler service and its poll endpoint")
+    add("migrate", _migrate, "apply the ordered SQL migrations to DATABASE_URL")
+    add("topics", _topics, "create every topic of the registry that does not exist yet")
+
+    publish = add("publish", _publish, "publish CRM campaign commands to the broker")
+    from services.pipeline.publish import add_publish_arguments
+
+    add_publish_arguments(publish)
+
+    show = add("show", _show, "show a campaign's status, counts and failed recipients")
+    show.add_argument("campaign_id")
+    show.add_argument("--json", action="store_true", help="print the poll endpoint's JSON")
+
+    demo = add("demo", _demo, "run the whole pipeline on embedded parts with a demo campaign")
+    demo.add_argument("--recipients", type=int, default=2000, help="demo campaign size")
+    demo.add_argument("--chunk-size", type=int, default=1000, help="recipients per chunk")
+    demo.add_argument("--senders", type=int, default=1, help="sender processes to start")
+    demo.add_argument("--timeout", type=float, default=600.0, help="give up after this many s")
+    demo.add_argument("--no-progress", action="store_true", help="print lines, not a bar")
+
+    sink = add("smtp-sink", _smtp_sink, "run an SMTP sink that accepts and counts every message")
+    sink.add_argument("--host", default="127.0.0.1")
+    sink.add_argument("--port", type=int, default=2525)
+    sink.add_argument(
+        "--reject", action="append", default=[], metavar="ADDRESS",
+        help="answer 550 to RCPT TO for this address (repeatable)",
+    )
+
+    add("settings", _settings, "print every setting: variable, default, meaning")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `mailer` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"mailer: configuration error: {exc}", file=sys.stderr)
+        return 2
+    handler: Handler = args.handler
+    return handler(args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

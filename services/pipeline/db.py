@@ -1,0 +1,38 @@
+"""Postgres access shared by the services (psycopg 3, async pool).
+
+Contract: `open_pool(settings)` returns an opened `AsyncConnectionPool` whose
+connections are checked before use, so a restarted Postgres is reconnected
+transparently; callers run each unit of work in `pool.connection()` +
+`conn.transaction()` and treat the transaction as the unit of idempotency.
+"""
+
+from __future__ import annotations
+
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from services.pipeline.settings import Settings
+
+
+async def open_pool(settings: Settings, *, max_size: int = 4, name: str = "mailer") -> AsyncConnectionPool:
+    """An opened connection pool to `settings.database_url`."""
+    pool = AsyncConnectionPool(
+        settings.database_url,
+        min_size=1,
+        max_size=max_size,
+        name=name,
+        open=False,
+        check=AsyncConnectionPool.check_connection,
+        kwargs={"autocommit": False},
+        reconnect_timeout=300,
+    )
+    await pool.open(wait=True, timeout=60)
+    return pool
+
+
+async def fetch_dicts(conn: AsyncConnection, sql: str, params: object = None) -> list[dict]:
+    """Run `sql` and return its rows as dicts."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(sql, params)  # type: ignore[arg-type]
+        return list(await cur.fetchall())

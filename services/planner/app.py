@@ -1,0 +1,162 @@
+"""The planner service: campaign commands in, one send command per recipient out.
+
+Contract: consumes `mailer.campaign-commands`; a `campaign.start` is recorded
+(its definition, never its recipients); each `campaign.recipients` chunk and
+each `campaign.test_email` is planned by `plan_chunk.plan`. Lifecycle commands
+(pause, resume, cancel) belong to the reconciler and are skipped here. An
+invalid command, or a chunk whose campaign was never started, goes to the
+dead-letter topic with the reason; the planner goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+
+from services.pipeline import faust_app
+from services.pipeline.contract import Message
+from services.pipeline.db import open_pool
+from services.pipeline.dead_letters import DeadLetters
+from services.pipeline.ids import test_send_id
+from services.pipeline.ingress import accept, reject
+from services.pipeline.producer import AsyncProducer
+from services.pipeline.retry import retry_transient
+from services.pipeline.settings import Settings
+from services.pipeline.topics import Topic, topic_name
+from services.planner.campaign_store import CampaignStore
+from services.planner.plan_chunk import plan, unique_recipients
+
+log = logging.getLogger(__name__)
+
+SERVICE = "planner"
+
+
+@dataclass
+class PlannerParts:
+    """What the planner works with, opened once at start-up."""
+
+    store: CampaignStore
+    producer: AsyncProducer
+    dead_letters: DeadLetters
+    send_topic: str
+    pool: Any
+
+
+class Planner:
+    """Handles one campaign command at a time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.parts: PlannerParts | None = None
+
+    async def start(self) -> PlannerParts:
+        """Open the pool and the producer (once)."""
+        if self.parts is None:
+            pool = await open_pool(self.settings, name=SERVICE)
+            producer = AsyncProducer(self.settings, client_id=self.settings.app_id(SERVICE))
+            self.parts = PlannerParts(
+                store=CampaignStore(pool),
+                producer=producer,
+                dead_letters=DeadLetters(producer, self.settings, SERVICE),
+                send_topic=topic_name(Topic.SEND_COMMANDS, self.settings),
+                pool=pool,
+            )
+        return self.parts
+
+    async def stop(self) -> None:
+        """Flush the producer and close the pool."""
+        if self.parts is not None:
+            await self.parts.producer.close()
+            await self.parts.pool.close()
+            self.parts = None
+
+    async def handle(self, event: Any) -> None:
+        """Plan one campaign command, or dead-letter it; never raises for one bad command."""
+        parts = await retry_transient(self.start, what="planner start-up")
+        try:
+            await retry_transient(lambda: self._handle(event, parts), what="planning a command")
+        except Exception as exc:  # a bug must not stop the planner nor lose the command
+            log.exception("planning failed; dead-lettering the command")
+            await reject(event, parts.dead_letters, f"planner error: {type(exc).__name__}: {exc}",
+                         error_type="internal_error")
+
+    async def _handle(self, event: Any, parts: PlannerParts) -> None:
+        message = await accept(event, Topic.CAMPAIGN_COMMANDS, parts.dead_letters)
+        if message is None:
+            return
+        kind = message["kind"]
+        if kind == "campaign.start":
+            await parts.store.save(message)
+            log.info("campaign %s: start recorded", message["campaign_id"])
+        elif kind == "campaign.recipients":
+            await self._plan_chunk(event, message, parts)
+        elif kind == "campaign.test_email":
+            await self._plan_test_email(message, parts)
+
+    async def _plan_chunk(self, event: Any, chunk: Message, parts: PlannerParts) -> None:
+        campaign_id = chunk["campaign_id"]
+        recipients = chunk["recipients"]
+        if len(recipients) > self.settings.max_chunk_recipients:
+            await reject(
+                event, parts.dead_letters,
+                f"chunk {chunk['chunk_index']} holds {len(recipients)} recipients; "
+                f"at most {self.settings.max_chunk_recipients} are allowed per chunk",
+                error_type="chunk_too_large", campaign_id=campaign_id,
+            )
+            return
+        definition = await parts.store.load(campaign_id)
+        if definition is None:
+            await reject(
+                event, parts.dead_letters,
+                f"chunk {chunk['chunk_index']} of campaign {campaign_id!r} arrived but the "
+                "campaign was never started: publish campaign.start first (same key)",
+                error_type="unknown_campaign", campaign_id=campaign_id,
+            )
+            return
+        produced = await plan(
+            parts.pool, parts.producer, parts.send_topic, definition,
+            unique_recipients(campaign_id, recipients),
+        )
+        log.info(
+            "campaign %s: chunk %s planned, %d send commands produced (%d recipients)",
+            campaign_id, chunk["chunk_index"], produced, len(recipients),
+        )
+
+    async def _plan_test_email(self, command: Message, parts: PlannerParts) -> None:
+        definition = {
+            k: command[k]
+            for k in ("campaign_id", "manager_id", "account", "from", "reply_to", "template",
+                      "variables", "unsubscribe_url")
+            if k in command
+        }
+        sid = test_send_id(command["campaign_id"], command["message_id"])
+        await plan(
+            parts.pool, parts.producer, parts.send_topic, definition,
+            {sid: command["to"]}, is_test=True,
+        )
+
+
+def create_planner_app(settings: Settings) -> faust.App:
+    """The planner's faust app and its one agent."""
+    app = faust_app.create_app(SERVICE, settings)
+    commands = faust_app.faust_topic(app, Topic.CAMPAIGN_COMMANDS, settings)
+    planner = Planner(settings)
+
+    @app.agent(commands, name="plan-campaign-commands")
+    async def plan_commands(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            await planner.handle(event)
+
+    @app.on_before_shutdown.connect  # type: ignore[misc]
+    async def _close(app: faust.App, **kwargs: Any) -> None:
+        await planner.stop()
+
+    return app
+
+
+def run(settings: Settings) -> None:
+    """Run the planner until SIGTERM/SIGINT."""
+    faust_app.run(create_planner_app(settings), settings)

@@ -1,0 +1,149 @@
+"""The reconciler service: commands and outcomes in, Postgres projections out.
+
+Contract: two agents read `mailer.campaign-commands` and `mailer.send-outcomes`
+in batches (`settings.reconciler_batch_size` / `_batch_seconds`). Each batch
+is one transaction: projections, counts, completions, audit rows and status
+events (outbox) commit together; the outbox is published after the commit;
+faust acknowledges the batch's offsets only after all of that (faust's `take`
+acks a batch when the loop asks for the next one). Invalid messages go to the
+dead-letter topic. Postgres or broker outages are waited out and retried.
+The poll endpoint is served on `settings.http_port`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import faust
+from aiohttp import web
+
+from services.pipeline import faust_app
+from services.pipeline.contract import Message
+from services.pipeline.db import open_pool
+from services.pipeline.dead_letters import DeadLetters
+from services.pipeline.ingress import accept
+from services.pipeline.producer import AsyncProducer
+from services.pipeline.retry import retry_transient
+from services.pipeline.settings import Settings
+from services.pipeline.topics import Topic, topic_name
+from services.reconciler import projections, status_events
+from services.reconciler.http_api import start_server
+
+log = logging.getLogger(__name__)
+
+SERVICE = "reconciler"
+
+
+class Reconciler:
+    """Owns the reconciler's pool, producer and the write lock of its batches."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.status_topic = topic_name(Topic.CAMPAIGN_STATUS, settings)
+        self._write_lock = asyncio.Lock()  # one batch transaction at a time: no deadlocks
+        self._started = asyncio.Lock()
+        self.pool: Any = None
+        self.producer: AsyncProducer | None = None
+        self.dead_letters: DeadLetters | None = None
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        """Open the pool, the producer and the poll endpoint (once)."""
+        async with self._started:
+            if self.pool is None:
+                self.pool = await open_pool(self.settings, max_size=6, name=SERVICE)
+                self.producer = AsyncProducer(self.settings, client_id=self.settings.app_id(SERVICE))
+                self.dead_letters = DeadLetters(self.producer, self.settings, SERVICE)
+                self.runner = await start_server(self.pool, self.settings)
+                log.info("poll endpoint on %s:%s", self.settings.http_host, self.settings.http_port)
+                await status_events.publish_outbox(self.pool, self.producer)
+
+    async def stop(self) -> None:
+        """Stop serving, flush and close."""
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.producer is not None:
+            await self.producer.close()
+        if self.pool is not None:
+            await self.pool.close()
+
+    async def accept_batch(self, events: list[Any], topic: Topic) -> list[Message]:
+        """The valid messages of `events`; the others are dead-lettered."""
+        assert self.dead_letters is not None
+        accepted = []
+        for event in events:
+            message = await accept(event, topic, self.dead_letters)
+            if message is not None:
+                accepted.append(message)
+        return accepted
+
+    async def write_commands(self, commands: list[Message]) -> None:
+        """Apply one batch of campaign commands."""
+        await self._write("campaign commands", commands, self._commands_tx)
+
+    async def write_outcomes(self, outcomes: list[Message]) -> None:
+        """Apply one batch of send outcomes."""
+        await self._write("send outcomes", outcomes, self._outcomes_tx)
+
+    async def _commands_tx(self, conn: Any, commands: list[Message]) -> None:
+        changes, touched = await projections.apply_commands(conn, commands)
+        changes += await projections.refresh_campaigns(conn, touched)
+        await status_events.record(conn, changes, self.status_topic)
+
+    async def _outcomes_tx(self, conn: Any, outcomes: list[Message]) -> None:
+        touched = await projections.apply_outcomes(conn, outcomes)
+        changes = await projections.refresh_campaigns(conn, touched)
+        await status_events.record(conn, changes, self.status_topic)
+
+    async def _write(self, what: str, messages: list[Message], tx: Any) -> None:
+        if not messages:
+            return
+
+        async def work() -> None:
+            async with self._write_lock:
+                async with self.pool.connection() as conn, conn.transaction():
+                    await tx(conn, messages)
+                assert self.producer is not None
+                await status_events.publish_outbox(self.pool, self.producer)
+
+        await retry_transient(work, what=f"writing {len(messages)} {what}")
+
+
+def create_reconciler_app(settings: Settings) -> faust.App:
+    """The reconciler's faust app: two batch agents and the poll endpoint."""
+    app = faust_app.create_app(SERVICE, settings)
+    reconciler = Reconciler(settings)
+    batch, within = settings.reconciler_batch_size, settings.reconciler_batch_seconds
+
+    @app.agent(faust_app.faust_topic(app, Topic.CAMPAIGN_COMMANDS, settings),
+               name="project-campaign-commands")
+    async def project_commands(stream: faust.StreamT) -> None:
+        await retry_transient(reconciler.start, what="reconciler start-up")
+        async for events in stream.take_events(batch, within=within):
+            commands = await reconciler.accept_batch(list(events), Topic.CAMPAIGN_COMMANDS)
+            await reconciler.write_commands(commands)
+
+    @app.agent(faust_app.faust_topic(app, Topic.SEND_OUTCOMES, settings),
+               name="project-send-outcomes")
+    async def project_outcomes(stream: faust.StreamT) -> None:
+        await retry_transient(reconciler.start, what="reconciler start-up")
+        async for events in stream.take_events(batch, within=within):
+            outcomes = await reconciler.accept_batch(list(events), Topic.SEND_OUTCOMES)
+            await reconciler.write_outcomes(outcomes)
+
+    @app.task
+    async def serve_poll_endpoint() -> None:
+        await retry_transient(reconciler.start, what="reconciler start-up")
+
+    @app.on_before_shutdown.connect  # type: ignore[misc]
+    async def _close(app: faust.App, **kwargs: Any) -> None:
+        await reconciler.stop()
+
+    return app
+
+
+def run(settings: Settings) -> None:
+    """Run the reconciler until SIGTERM/SIGINT."""
+    faust_app.run(create_reconciler_app(settings), settings)

@@ -1,0 +1,252 @@
+"""Writing the Postgres projections from campaign commands and send outcomes.
+
+Contract: every function here runs inside the caller's transaction and is
+idempotent: applying the same messages twice leaves the tables as applying
+them once. A recipient in a terminal state never moves back; a campaign's
+counts are always recomputed from its recipients (`refresh_campaigns`), never
+incremented. Every status change is returned as a `StatusChange`, which the
+caller records in audit_log and announces on the status topic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from psycopg import AsyncConnection
+
+from services.pipeline.contract import Message
+from services.pipeline.ids import send_id
+
+TERMINAL = ("sent", "failed", "skipped", "unknown", "cancelled")
+OUTCOME_STATUS = {
+    "outcome.sent": "sent",
+    "outcome.failed": "failed",
+    "outcome.skipped": "skipped",
+    "outcome.unknown": "unknown",
+    "outcome.deferred": "deferred",
+}
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    """One change of a campaign's status, with who made it and why."""
+
+    campaign_id: str
+    before: str | None
+    after: str
+    actor: str
+    action: str
+    reason: str
+    source_message_id: str | None = None
+
+
+async def apply_commands(
+    conn: AsyncConnection, commands: Iterable[Message]
+) -> tuple[list[StatusChange], set[str]]:
+    """Apply campaign commands in order; return their status changes and the campaigns touched."""
+    changes: list[StatusChange] = []
+    touched: set[str] = set()
+    for command in commands:
+        touched.add(command["campaign_id"])
+        kind = command["kind"]
+        if kind == "campaign.start":
+            changes.extend(await _start(conn, command))
+        elif kind == "campaign.recipients":
+            await _chunk(conn, command)
+        elif kind in _TRANSITIONS:
+            changes.extend(await _transition(conn, command))
+    return changes, touched
+
+
+async def _start(conn: AsyncConnection, start: Message) -> list[StatusChange]:
+    cur = await conn.execute(
+        """
+        INSERT INTO campaigns (campaign_id, manager_id, name, account, priority, status,
+                               total_declared, chunks_declared, started, started_at)
+        VALUES (%s, %s, %s, %s, %s, 'sending', %s, %s, true, %s)
+        ON CONFLICT (campaign_id) DO NOTHING
+        RETURNING campaign_id
+        """,
+        (
+            start["campaign_id"], start["manager_id"], start.get("name", ""),
+            start.get("account", "default"), start.get("priority", 5),
+            start["total_recipients"], start["total_chunks"], start["occurred_at"],
+        ),
+    )
+    if await cur.fetchone() is None:
+        return []  # a replayed start
+    return [
+        StatusChange(
+            campaign_id=start["campaign_id"], before=None, after="sending",
+            actor=start.get("actor_id", start["manager_id"]), action="start",
+            reason="campaign started", source_message_id=start["message_id"],
+        )
+    ]
+
+
+async def _chunk(conn: AsyncConnection, chunk: Message) -> None:
+    campaign_id = chunk["campaign_id"]
+    recipients = chunk["recipients"]
+    cur = await conn.execute(
+        "INSERT INTO campaign_chunks (campaign_id, chunk_index, recipients) VALUES (%s, %s, %s)"
+        " ON CONFLICT DO NOTHING RETURNING chunk_index",
+        (campaign_id, chunk["chunk_index"], len(recipients)),
+    )
+    if await cur.fetchone() is None:
+        return  # a replayed chunk
+    await conn.execute(
+        """
+        INSERT INTO recipients (send_id, campaign_id, email, name)
+        SELECT s, %s, e, n FROM unnest(%s::uuid[], %s::text[], %s::text[]) AS t(s, e, n)
+        ON CONFLICT (send_id) DO NOTHING
+        """,
+        (
+            campaign_id,
+            [send_id(campaign_id, r["email"]) for r in recipients],
+            [r["email"].strip() for r in recipients],
+            [r.get("name", "") or "" for r in recipients],
+        ),
+    )
+    await conn.execute(
+        "UPDATE campaigns SET chunks_received = chunks_received + 1, updated_at = now()"
+        " WHERE campaign_id = %s",
+        (campaign_id,),
+    )
+
+
+# kind → (action, statuses it applies to, status it leads to)
+_TRANSITIONS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "campaign.pause": ("pause", ("sending",), "paused"),
+    "campaign.resume": ("resume", ("paused",), "sending"),
+    "campaign.cancel": ("cancel", ("sending", "paused"), "cancelled"),
+}
+
+
+async def _transition(conn: AsyncConnection, command: Message) -> list[StatusChange]:
+    action, from_statuses, to_status = _TRANSITIONS[command["kind"]]
+    reason = command.get("reason") or f"{action} requested"
+    cur = await conn.execute(
+        """
+        UPDATE campaigns c SET status = %s, status_reason = %s, updated_at = now()
+        FROM (SELECT campaign_id, status FROM campaigns WHERE campaign_id = %s FOR UPDATE) old
+        WHERE c.campaign_id = old.campaign_id AND old.status = ANY(%s)
+        RETURNING old.status
+        """,
+        (to_status, reason, command["campaign_id"], list(from_statuses)),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return []
+    return [
+        StatusChange(
+            campaign_id=command["campaign_id"], before=row[0], after=to_status,
+            actor=command["actor_id"], action=action, reason=reason,
+            source_message_id=command["message_id"],
+        )
+    ]
+
+
+async def apply_outcomes(conn: AsyncConnection, outcomes: list[Message]) -> set[str]:
+    """Record outcomes in send_log and recipients; return the campaigns they touch."""
+    if not outcomes:
+        return set()
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            """
+            INSERT INTO send_log (send_id, attempt, campaign_id, outcome, is_test, recipient,
+                                  account, smtp_code, smtp_reply, error_class, reason,
+                                  message_id, duration_ms, occurred_at)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+            ON CONFLICT (send_id, attempt) DO NOTHING
+            """,
+            [
+                (
+                    o["send_id"], o["attempt"], o["campaign_id"], OUTCOME_STATUS[o["kind"]],
+                    o["is_test"], o["recipient_email"], o["account"], o.get("smtp_code"),
+                    o.get("smtp_reply", ""), o.get("error_class"), o.get("reason"),
+                    o.get("message_id_header", ""), o.get("duration_ms"), o["occurred_at"],
+                )
+                for o in outcomes
+            ],
+        )
+        await cur.executemany(
+            """
+            INSERT INTO recipients AS r (send_id, campaign_id, email, status, attempts,
+                                         last_code, last_reply, error_class)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+            ON CONFLICT (send_id) DO UPDATE SET
+                status = EXCLUDED.status,
+                attempts = GREATEST(r.attempts, EXCLUDED.attempts),
+                last_code = EXCLUDED.last_code,
+                last_reply = EXCLUDED.last_reply,
+                error_class = EXCLUDED.error_class,
+                updated_at = now()
+            WHERE r.status NOT IN ('sent', 'failed', 'skipped', 'unknown', 'cancelled')
+            """,
+            [
+                (
+                    o["send_id"], o["campaign_id"], o["recipient_email"],
+                    OUTCOME_STATUS[o["kind"]], o["attempt"], o.get("smtp_code"),
+                    o.get("smtp_reply", ""), o.get("error_class"),
+                )
+                for o in outcomes
+                if not o["is_test"]
+            ],
+        )
+    touched = {o["campaign_id"] for o in outcomes if not o["is_test"]}
+    sent_at = [o["campaign_id"] for o in outcomes if o["kind"] == "outcome.sent"]
+    if sent_at:
+        await conn.execute(
+            "UPDATE campaigns SET first_sent_at = now()"
+            " WHERE campaign_id = ANY(%s) AND first_sent_at IS NULL",
+            (sorted(set(sent_at)),),
+        )
+    return touched
+
+
+async def refresh_campaigns(conn: AsyncConnection, campaign_ids: set[str]) -> list[StatusChange]:
+    """Recompute counts of `campaign_ids` and complete those with no recipient left to send."""
+    if not campaign_ids:
+        return []
+    ids = sorted(campaign_ids)
+    await conn.execute(
+        """
+        UPDATE campaigns c SET
+            total = s.total, pending = s.pending, sent = s.sent, failed = s.failed,
+            skipped = s.skipped, unknown = s.unknown, cancelled = s.cancelled, updated_at = now()
+        FROM (
+            SELECT campaign_id,
+                   count(*) AS total,
+                   count(*) FILTER (WHERE status IN ('pending', 'deferred')) AS pending,
+                   count(*) FILTER (WHERE status = 'sent') AS sent,
+                   count(*) FILTER (WHERE status = 'failed') AS failed,
+                   count(*) FILTER (WHERE status = 'skipped') AS skipped,
+                   count(*) FILTER (WHERE status = 'unknown') AS unknown,
+                   count(*) FILTER (WHERE status = 'cancelled') AS cancelled
+            FROM recipients WHERE campaign_id = ANY(%s) GROUP BY campaign_id
+        ) s
+        WHERE c.campaign_id = s.campaign_id
+        """,
+        (ids,),
+    )
+    cur = await conn.execute(
+        """
+        UPDATE campaigns SET status = 'completed', status_reason = %s,
+                             completed_at = now(), updated_at = now()
+        WHERE campaign_id = ANY(%s) AND status = 'sending' AND pending = 0 AND total > 0
+          AND chunks_declared > 0 AND chunks_received >= chunks_declared
+        RETURNING campaign_id
+        """,
+        (_COMPLETED_REASON, ids),
+    )
+    return [
+        StatusChange(
+            campaign_id=row[0], before="sending", after="completed", actor="system",
+            action="complete", reason=_COMPLETED_REASON,
+        )
+        for row in await cur.fetchall()
+    ]
+
+
+_COMPLETED_REASON = "every recipient reached a terminal state"
