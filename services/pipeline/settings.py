@@ -160,6 +160,14 @@ class Settings:
                 ) from None
         return self.smtp_password
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as environment variables (for child processes)."""
+        env = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            env[f.metadata["env"]] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env
+
     def app_id(self, service: str) -> str:
         """Faust app id, and so consumer group, of `service`."""
         return f"{self.app_id_prefix}-{service}"

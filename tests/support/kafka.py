@@ -1,0 +1,49 @@
+"""Reading and writing topics directly in tests (confluent-kafka)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from confluent_kafka import Consumer, KafkaError, Message, Producer
+
+
+def read_topic(bootstrap: str, topic: str, *, expect: int | None = None,
+               idle: float = 3.0, timeout: float = 60.0) -> list[Message]:
+    """Every message of `topic`: until `expect` arrived, or nothing came for `idle` s."""
+    consumer = Consumer({
+        "bootstrap.servers": bootstrap,
+        "group.id": f"test-reader-{uuid.uuid4().hex}",
+        "auto.offset.reset": "earliest",
+        "enable.auto.commit": False,
+    })
+    consumer.subscribe([topic])
+    messages: list[Message] = []
+    deadline = time.monotonic() + timeout
+    last = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None:
+                if expect is None and messages and time.monotonic() - last > idle:
+                    break
+                continue
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise AssertionError(f"consumer error: {msg.error()}")
+            messages.append(msg)
+            last = time.monotonic()
+            if expect is not None and len(messages) >= expect:
+                break
+    finally:
+        consumer.close()
+    return messages
+
+
+def produce_raw(bootstrap: str, topic: str, items: list[tuple[bytes | None, bytes | None]]) -> None:
+    """Produce (key, value) pairs as they are: for malformed input."""
+    producer = Producer({"bootstrap.servers": bootstrap})
+    for key, value in items:
+        producer.produce(topic, key=key, value=value)
+    assert producer.flush(30) == 0

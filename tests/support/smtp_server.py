@@ -1,0 +1,81 @@
+"""A real SMTP server (aiosmtpd) for tests: records what it receives, rejects on request.
+
+Contract: every accepted message is recorded with its envelope recipients and
+Message-ID; an address in `reject` is answered `550 5.1.1 ... User unknown`
+at RCPT TO, so it is never delivered.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from email import message_from_bytes
+from email.message import Message
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+from services.pipeline.embedded import free_port
+
+REJECT_REPLY = "550 5.1.1 Recipient address rejected: User unknown in local recipient table"
+
+
+@dataclass
+class Received:
+    """One message as the server got it."""
+
+    recipients: list[str]
+    message: Message
+
+
+@dataclass
+class RecordingHandler:
+    """aiosmtpd handler that records deliveries."""
+
+    reject: set[str] = field(default_factory=set)
+    received: list[Received] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: list[str]) -> str:
+        if address.lower() in self.reject:
+            return REJECT_REPLY
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.lock:
+            self.received.append(
+                Received(list(envelope.rcpt_tos), message_from_bytes(envelope.content))
+            )
+        return "250 2.0.0 Ok: queued"
+
+
+class SmtpServer:
+    """An aiosmtpd server on a free loopback port."""
+
+    def __init__(self) -> None:
+        self.handler = RecordingHandler()
+        self.port = free_port()
+        self._controller = Controller(self.handler, hostname="127.0.0.1", port=self.port)
+
+    def start(self) -> None:
+        self._controller.start()
+
+    def stop(self) -> None:
+        self._controller.stop()
+
+    def reject(self, address: str) -> None:
+        """Answer 550 at RCPT TO for `address`."""
+        self.handler.reject.add(address.lower())
+
+    def delivered(self) -> Counter[str]:
+        """How many times each address received a message."""
+        with self.handler.lock:
+            return Counter(r.lower() for m in self.handler.received for r in m.recipients)
+
+    def messages(self) -> list[Received]:
+        """Every message received so far."""
+        with self.handler.lock:
+            return list(self.handler.received)
