@@ -50,7 +50,8 @@ def load_schema(kind: str, version: int = SCHEMA_VERSION) -> dict[str, Any]:
 @cache
 def validator(kind: str, version: int = SCHEMA_VERSION) -> Callable[[Any], Any]:
     """The compiled validator of `kind` (compiled once per process)."""
-    return fastjsonschema.compile(load_schema(kind, version))  # type: ignore[no-any-return]
+    compiled: Callable[[Any], Any] = fastjsonschema.compile(load_schema(kind, version))
+    return compiled
 
 
 def compile_all() -> None:

@@ -8,6 +8,9 @@ transparently; callers run each unit of work in `pool.connection()` +
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
@@ -31,8 +34,10 @@ async def open_pool(settings: Settings, *, max_size: int = 4, name: str = "maile
     return pool
 
 
-async def fetch_dicts(conn: AsyncConnection, sql: str, params: object = None) -> list[dict]:
+async def fetch_dicts(
+    conn: AsyncConnection, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """Run `sql` and return its rows as dicts."""
     async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(sql, params)  # type: ignore[arg-type]
+        await cur.execute(sql, params)
         return list(await cur.fetchall())

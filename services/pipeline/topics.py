@@ -9,12 +9,12 @@ them all at start-up; nothing relies on broker auto-creation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from services.pipeline.settings import Settings
 
 
-class Topic(str, Enum):
+class Topic(StrEnum):
     """Logical topic names; the real name is `TopicSpec.name(settings)`."""
 
     CAMPAIGN_COMMANDS = "mailer.campaign-commands"

@@ -126,7 +126,7 @@ class Planner:
         )
 
     async def _plan_test_email(self, command: Message, parts: PlannerParts) -> None:
-        definition = {
+        definition: dict[str, Any] = {
             k: command[k]
             for k in ("campaign_id", "manager_id", "account", "from", "reply_to", "template",
                       "variables", "unsubscribe_url")
@@ -150,8 +150,8 @@ def create_planner_app(settings: Settings) -> faust.App:
         async for event in stream.events():
             await planner.handle(event)
 
-    @app.on_before_shutdown.connect  # type: ignore[misc]
-    async def _close(app: faust.App, **kwargs: Any) -> None:
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]  # mode types the receiver oddly
+    async def _close(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         await planner.stop()
 
     return app

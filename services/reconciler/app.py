@@ -119,7 +119,7 @@ def create_reconciler_app(settings: Settings) -> faust.App:
 
     @app.agent(faust_app.faust_topic(app, Topic.CAMPAIGN_COMMANDS, settings),
                name="project-campaign-commands")
-    async def project_commands(stream: faust.StreamT) -> None:
+    async def project_commands(stream: Any) -> None:
         await retry_transient(reconciler.start, what="reconciler start-up")
         async for events in stream.take_events(batch, within=within):
             commands = await reconciler.accept_batch(list(events), Topic.CAMPAIGN_COMMANDS)
@@ -127,7 +127,7 @@ def create_reconciler_app(settings: Settings) -> faust.App:
 
     @app.agent(faust_app.faust_topic(app, Topic.SEND_OUTCOMES, settings),
                name="project-send-outcomes")
-    async def project_outcomes(stream: faust.StreamT) -> None:
+    async def project_outcomes(stream: Any) -> None:
         await retry_transient(reconciler.start, what="reconciler start-up")
         async for events in stream.take_events(batch, within=within):
             outcomes = await reconciler.accept_batch(list(events), Topic.SEND_OUTCOMES)
@@ -137,8 +137,8 @@ def create_reconciler_app(settings: Settings) -> faust.App:
     async def serve_poll_endpoint() -> None:
         await retry_transient(reconciler.start, what="reconciler start-up")
 
-    @app.on_before_shutdown.connect  # type: ignore[misc]
-    async def _close(app: faust.App, **kwargs: Any) -> None:
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]  # mode types the receiver oddly
+    async def _close(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         await reconciler.stop()
 
     return app

@@ -52,7 +52,8 @@ async def healthz(request: web.Request) -> web.Response:
 async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     """Turn aiohttp's HTML error pages into JSON bodies."""
     try:
-        return await handler(request)  # type: ignore[no-any-return]
+        response: web.StreamResponse = await handler(request)
+        return response
     except web.HTTPException as exc:
         return _json({"error": exc.reason.lower().replace(" ", "_"), "message": exc.text},
                      status=exc.status)

@@ -79,7 +79,7 @@ async def _start(conn: AsyncConnection, start: Message) -> list[StatusChange]:
     return [
         StatusChange(
             campaign_id=start["campaign_id"], before=None, after="sending",
-            actor=start.get("actor_id", start["manager_id"]), action="start",
+            actor=start.get("actor_id") or start["manager_id"], action="start",
             reason="campaign started", source_message_id=start["message_id"],
         )
     ]

@@ -31,12 +31,11 @@ def outcome(kind: str, campaign_id: str, email: str, code: int | None, reply: st
 
 
 async def apply(url: str, *, commands: list[dict] = (), outcomes: list[dict] = ()) -> list:
-    async with await psycopg.AsyncConnection.connect(url) as conn:
-        async with conn.transaction():
-            changes, touched = await projections.apply_commands(conn, commands)
-            touched |= await projections.apply_outcomes(conn, list(outcomes))
-            changes += await projections.refresh_campaigns(conn, touched)
-            await status_events.record(conn, changes, "status-topic")
+    async with await psycopg.AsyncConnection.connect(url) as conn, conn.transaction():
+        changes, touched = await projections.apply_commands(conn, commands)
+        touched |= await projections.apply_outcomes(conn, list(outcomes))
+        changes += await projections.refresh_campaigns(conn, touched)
+        await status_events.record(conn, changes, "status-topic")
     return changes
 
 
