@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
 
 
 def read_topic(bootstrap: str, topic: str, *, expect: int | None = None,
@@ -17,7 +17,9 @@ def read_topic(bootstrap: str, topic: str, *, expect: int | None = None,
         "auto.offset.reset": "earliest",
         "enable.auto.commit": False,
     })
-    consumer.subscribe([topic])
+    # assign, not subscribe: no group join (which takes session.timeout/2 on tansu)
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     messages: list[Message] = []
     deadline = time.monotonic() + timeout
     last = time.monotonic()

@@ -1,0 +1,175 @@
+"""The sender service: send commands in, one acknowledged outcome per command out.
+
+Contract: `create_sender_app(settings)` returns the faust app whose one agent
+(concurrency `MAILER_SENDER_CONCURRENCY`) reads `mailer.send-commands`. For
+each record it either dead-letters it (not a valid `send.email`) or sends it
+with `send_one` and produces the outcome to `mailer.send-outcomes` keyed by
+send_id. Either way the iteration waits for the broker's acknowledgement
+(retrying a failed delivery) before it ends, so faust acks, and later
+commits, the command's offset only once its outcome or dead letter is
+durable. An unexpected error while sending becomes `outcome.failed` with
+error_class `internal`; nothing is dropped silently and the agent keeps
+going. The Kafka producer and SMTP pools are created on first use and closed
+when the app stops (`on_before_shutdown`, after the consumer has drained).
+`run(settings)` runs the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import faust
+
+from services.pipeline import faust_app
+from services.pipeline.contract import InvalidMessage, Message, decode, encode
+from services.pipeline.dead_letters import DeadLetters
+from services.pipeline.producer import AsyncProducer, DeliveryError
+from services.pipeline.settings import Settings
+from services.pipeline.topics import Topic, topic_name
+from services.sender.send_step import internal_failure, mask_email, send_one
+from services.sender.smtp_pool import SmtpPools
+
+log = logging.getLogger(__name__)
+
+SERVICE = "sender"
+#: Longest pause between two attempts to deliver an outcome or dead letter (s).
+MAX_RETRY_PAUSE = 10.0
+
+
+class SenderRuntime:
+    """The sender's per-process resources and its per-record work."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        producer: AsyncProducer | None = None,
+        pools: SmtpPools | None = None,
+    ) -> None:
+        self.settings = settings
+        self._producer = producer
+        self._pools = pools
+        self._dead_letters: DeadLetters | None = None
+        self._outcomes_topic = topic_name(Topic.SEND_OUTCOMES, settings)
+        self._closed = False
+
+    def _resources(self) -> tuple[AsyncProducer, SmtpPools, DeadLetters]:
+        if self._closed:
+            raise RuntimeError("sender runtime is closed")
+        if self._producer is None:
+            self._producer = AsyncProducer(self.settings, client_id=self.settings.app_id(SERVICE))
+        if self._pools is None:
+            self._pools = SmtpPools.from_settings(self.settings)
+        if self._dead_letters is None:
+            self._dead_letters = DeadLetters(self._producer, self.settings, SERVICE)
+        return self._producer, self._pools, self._dead_letters
+
+    async def handle(
+        self,
+        *,
+        topic: str,
+        partition: int | None,
+        offset: int | None,
+        key: bytes | None,
+        value: bytes | None,
+    ) -> Message | None:
+        """Process one record; return the outcome produced (None when dead-lettered)."""
+        producer, pools, dead_letters = self._resources()
+        try:
+            command = decode(value, Topic.SEND_COMMANDS)
+        except Exception as exc:
+            if isinstance(exc, InvalidMessage):
+                reason, error_type, campaign_id = exc.reason, "invalid_message", exc.campaign_id
+            else:  # a decoder bug must not drop the record either
+                reason, error_type, campaign_id = (
+                    f"cannot decode: {type(exc).__name__}", "internal", None
+                )
+            await _until_delivered(
+                "dead letter",
+                lambda: dead_letters.send(
+                    source_topic=topic, partition=partition, offset=offset, key=key,
+                    value=value, reason=reason, error_type=error_type, campaign_id=campaign_id,
+                ),
+            )
+            return None
+        started = time.monotonic()
+        try:
+            outcome = await send_one(command, pools, self.settings)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error(
+                "internal error sending %s (campaign %s, to %s): %s\n%s",
+                command["send_id"], command["campaign_id"],
+                mask_email(command["recipient"]["email"]), type(exc).__name__,
+                "".join(traceback.format_tb(exc.__traceback__)),
+            )
+            outcome = internal_failure(
+                command, self.settings, f"internal error: {type(exc).__name__}", started
+            )
+        payload = encode(outcome)
+        send_id = command["send_id"].encode("ascii")
+        await _until_delivered(
+            "outcome", lambda: producer.produce(self._outcomes_topic, payload, send_id)
+        )
+        return outcome
+
+    async def close(self) -> None:
+        """Close the SMTP pools, then flush and close the producer."""
+        self._closed = True
+        if self._pools is not None:
+            await self._pools.close()
+        if self._producer is not None:
+            await self._producer.close()
+        log.info("sender closed its SMTP pools and outcome producer")
+
+
+async def _until_delivered(what: str, attempt: Callable[[], Awaitable[None]]) -> None:
+    """Await `attempt()` until the broker has the message, pausing longer each time."""
+    pause = 0.5
+    while True:
+        try:
+            await attempt()
+            return
+        except DeliveryError as exc:
+            log.warning("could not deliver %s (%s); retrying in %.1fs", what, exc, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, MAX_RETRY_PAUSE)
+
+
+def create_sender_app(settings: Settings) -> faust.App:
+    """The sender's faust app: one agent over the send commands."""
+    app = faust_app.create_app(SERVICE, settings)
+    commands = faust_app.faust_topic(app, Topic.SEND_COMMANDS, settings)
+    runtime = SenderRuntime(settings)
+
+    async def send_commands(stream: faust.StreamT[Any]) -> None:
+        # The event is acked when the next one is taken, so after handle() returned,
+        # i.e. after its outcome (or dead letter) was acknowledged by the broker.
+        async for event in stream.events():
+            msg = event.message
+            await runtime.handle(
+                topic=msg.topic, partition=msg.partition, offset=msg.offset,
+                key=msg.key, value=msg.value,
+            )
+
+    app.agent(commands, name="sender.send_commands", concurrency=settings.sender_concurrency)(
+        send_commands
+    )
+
+    async def close_resources(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        await runtime.close()
+
+    app.on_before_shutdown.connect(close_resources)
+    return app
+
+
+def run(settings: Settings) -> None:
+    """Run the sender worker until it is stopped."""
+    app = create_sender_app(settings)
+    faust_app.run(app, settings)

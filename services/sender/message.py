@@ -1,0 +1,81 @@
+"""Builds the RFC 5322 message of one send command.
+
+Contract: `build_message(command, rendered, settings)` returns an
+`email.message.EmailMessage` (policy SMTP, CRLF) with From (display name
+kept), To, Reply-To when the command has one, Subject, Date, the
+deterministic `Message-ID` `<send_id@MAILER_MESSAGE_ID_DOMAIN>`, the RFC 8058
+`List-Unsubscribe` / `List-Unsubscribe-Post` pair when an unsubscribe URL was
+rendered, and the body: text/plain, text/html, or multipart/alternative when
+both exist. An address the email package cannot represent raises
+`MessageError(reason)`.
+"""
+
+from __future__ import annotations
+
+import email.policy
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.errors import HeaderParseError, NonASCIILocalPartDefect
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime
+from typing import Any
+
+from services.pipeline.ids import message_id_header
+from services.pipeline.settings import Settings
+from services.sender.render import Rendered
+
+UNSUBSCRIBE_POST = "List-Unsubscribe=One-Click"
+#: Bodies are 7-bit clean whatever the server supports (no 8BITMIME needed).
+_CTE = "quoted-printable"
+
+
+class MessageError(ValueError):
+    """The message cannot be built (an unusable address); `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def mailbox(address: Mapping[str, Any], field: str) -> Address:
+    """A header mailbox from a contract address `{email, name?}`."""
+    name = address.get("name") or ""
+    addr = address["email"]
+    try:
+        return Address(display_name=name, addr_spec=addr)
+    except NonASCIILocalPartDefect:
+        # An internationalized mailbox (RFC 6531): valid, needs SMTPUTF8 to be sent.
+        local, _, domain = addr.rpartition("@")
+        return Address(display_name=name, username=local, domain=domain)
+    except (ValueError, HeaderParseError, IndexError):
+        raise MessageError(f"{field} address cannot be put in a header") from None
+
+
+def build_message(
+    command: Mapping[str, Any], rendered: Rendered, settings: Settings
+) -> EmailMessage:
+    """The email of one `send.email` command with its rendered parts."""
+    msg = EmailMessage(policy=email.policy.SMTP)
+    msg["From"] = mailbox(command["from"], "from")
+    msg["To"] = mailbox(command["recipient"], "recipient")
+    reply_to = command.get("reply_to")
+    if reply_to:
+        msg["Reply-To"] = mailbox(reply_to, "reply_to")
+    msg["Subject"] = rendered.subject
+    msg["Date"] = format_datetime(datetime.now(UTC))
+    msg["Message-ID"] = message_id_header(command["send_id"], settings.message_id_domain)
+    if rendered.unsubscribe_url:
+        msg["List-Unsubscribe"] = f"<{rendered.unsubscribe_url}>"
+        msg["List-Unsubscribe-Post"] = UNSUBSCRIBE_POST
+    if rendered.text is not None:
+        msg.set_content(rendered.text, subtype="plain", charset="utf-8", cte=_CTE)
+        if rendered.html is not None:
+            msg.add_alternative(rendered.html, subtype="html", charset="utf-8", cte=_CTE)
+            for part in msg.iter_parts():
+                del part["MIME-Version"]  # only the top level carries it
+    elif rendered.html is not None:
+        msg.set_content(rendered.html, subtype="html", charset="utf-8", cte=_CTE)
+    else:
+        msg.set_content("", subtype="plain", charset="utf-8", cte=_CTE)
+    return msg

@@ -1,0 +1,195 @@
+"""Sends one `send.email` command and says what happened, as one outcome message.
+
+Contract: `send_one(command, pools, settings)` renders, builds and sends the
+email through the account's SMTP pool and returns exactly one outcome message
+(`contract.envelope`, fields per docs/ARCHITECTURE.md):
+
+- a 2xx reply to the payload → `outcome.sent` with that reply's code and text;
+- a 5xx reply at MAIL, RCPT or DATA → `outcome.failed`, error_class `permanent`;
+- a 4xx reply → `outcome.failed`, error_class `transient` (retries come later);
+- a template that does not render → `outcome.failed`, `template_error`;
+- an address the message cannot carry → `outcome.failed`, `invalid_address`;
+- an account with no pool → `outcome.failed`, `unknown_account`;
+- no connection, a TLS or AUTH failure, a lost connection or a timeout before
+  the payload went out → `outcome.failed`, `connection` / `tls` / `auth` /
+  `timeout`;
+- the connection lost or timed out after the payload went out (no reply), or
+  any other error then → `outcome.unknown`, reason `no_reply_after_data`.
+
+Any other exception before the payload went out propagates: the caller turns
+it into `internal_failure()` (error_class `internal`). Outcomes never hold
+credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import aiosmtplib
+
+from services.pipeline.contract import Message, envelope
+from services.pipeline.ids import message_id_header
+from services.pipeline.settings import Settings
+from services.sender.message import MessageError, build_message
+from services.sender.render import TemplateError, render_command
+from services.sender.smtp_pool import PooledSMTP, SmtpConnectError, SmtpPools, UnknownAccount
+
+NO_REPLY_AFTER_DATA = "no_reply_after_data"
+MAX_TEXT = 2000
+
+
+class _Outcomes:
+    """Builds the outcomes of one command, measuring time from its creation."""
+
+    def __init__(self, command: Mapping[str, Any], settings: Settings, started: float) -> None:
+        self.command = command
+        self.settings = settings
+        self.started = started
+
+    def build(
+        self,
+        kind: str,
+        *,
+        code: int | None = None,
+        reply: str = "",
+        error_class: str | None = None,
+        reason: str | None = None,
+    ) -> Message:
+        command = self.command
+        fields: dict[str, Any] = {
+            "campaign_id": command["campaign_id"],
+            "send_id": command["send_id"],
+            "attempt": command["attempt"],
+            "is_test": command["is_test"],
+            "account": command["account"],
+            "recipient_email": command["recipient"]["email"],
+            "smtp_code": code if code is not None and 100 <= code <= 599 else None,
+            "smtp_reply": reply[:MAX_TEXT],
+            "error_class": error_class,
+            "message_id_header": message_id_header(
+                command["send_id"], self.settings.message_id_domain
+            ),
+            "duration_ms": round(max(0.0, time.monotonic() - self.started) * 1000, 3),
+        }
+        if reason is not None:
+            fields["reason"] = reason[:MAX_TEXT]
+        return envelope(f"outcome.{kind}", **fields)
+
+    def failed(
+        self, error_class: str, reason: str, code: int | None = None, reply: str = ""
+    ) -> Message:
+        return self.build("failed", code=code, reply=reply, error_class=error_class, reason=reason)
+
+    def by_reply(self, step: str, code: int, reply: str) -> Message:
+        """The outcome of a negative SMTP reply at `step`."""
+        if 500 <= code <= 599:
+            return self.failed("permanent", f"{step} refused with {code}", code, reply)
+        if 400 <= code <= 499:
+            return self.failed("transient", f"{step} refused with {code}", code, reply)
+        return self.failed("protocol", f"{step} got an unexpected reply {code}", code, reply)
+
+
+def internal_failure(
+    command: Mapping[str, Any], settings: Settings, reason: str, started: float | None = None
+) -> Message:
+    """`outcome.failed` with error_class `internal`, for an unexpected error."""
+    return _Outcomes(command, settings, time.monotonic() if started is None else started).failed(
+        "internal", reason
+    )
+
+
+def mask_email(address: str) -> str:
+    """An address fit for logs: first character of the local part, then the domain."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return "***"
+    return f"{local[:1]}***@{domain}"
+
+
+async def send_one(command: Mapping[str, Any], pools: SmtpPools, settings: Settings) -> Message:
+    """Send one command's email; return its outcome message."""
+    outcomes = _Outcomes(command, settings, time.monotonic())
+    try:
+        rendered = render_command(command)
+    except TemplateError as exc:
+        return outcomes.failed("template_error", exc.reason)
+    try:
+        message = build_message(command, rendered, settings)
+    except MessageError as exc:
+        return outcomes.failed("invalid_address", exc.reason)
+    try:
+        pool = pools.get(command["account"])
+    except UnknownAccount:
+        return outcomes.failed(
+            "unknown_account", f"no SMTP account {command['account']!r} is configured"
+        )
+
+    sender = command["from"]["email"]
+    recipient = command["recipient"]["email"]
+    lent: PooledSMTP | None = None
+    try:
+        async with pool.connection() as conn:
+            lent = conn
+            try:
+                await conn.send_message(message, sender=sender, recipients=[recipient])
+            except aiosmtplib.SMTPRecipientsRefused as exc:
+                refused = exc.recipients[0]
+                return outcomes.by_reply("RCPT TO", refused.code, refused.message)
+            except aiosmtplib.SMTPResponseException as exc:
+                if not 400 <= exc.code <= 599:
+                    raise  # a garbled reply: the session cannot be trusted any more
+                return outcomes.by_reply(_step(exc), exc.code, exc.message)
+            reply = conn.data_reply
+            if reply is None:  # send_message returned without our DATA: cannot happen
+                raise RuntimeError("DATA reply missing after a successful send")
+            return outcomes.build("sent", code=reply.code, reply=reply.message)
+    except SmtpConnectError as exc:
+        return outcomes.failed(exc.error_class, exc.reason, exc.code, exc.reply)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        if lent is not None and lent.payload_sent:
+            return outcomes.build(
+                "unknown",
+                error_class=_transport_class(exc) or type(exc).__name__,
+                reason=NO_REPLY_AFTER_DATA,
+            )
+        error_class = _transport_class(exc)
+        if error_class is not None:
+            return outcomes.failed(error_class, f"{error_class} error before DATA: {_text(exc)}")
+        if isinstance(exc, aiosmtplib.SMTPNotSupported):
+            return outcomes.failed("not_supported", _text(exc))
+        if isinstance(exc, aiosmtplib.SMTPResponseException):
+            return outcomes.by_reply(_step(exc), exc.code, exc.message)
+        if isinstance(exc, ValueError) and lent is not None:
+            # aiosmtplib refuses addresses that are unsafe on an SMTP command line
+            return outcomes.failed("invalid_address", "address cannot be sent over SMTP")
+        raise
+
+
+def _step(exc: aiosmtplib.SMTPResponseException) -> str:
+    if isinstance(exc, aiosmtplib.SMTPSenderRefused):
+        return "MAIL FROM"
+    if isinstance(exc, aiosmtplib.SMTPRecipientRefused):
+        return "RCPT TO"
+    if isinstance(exc, aiosmtplib.SMTPDataError):
+        return "DATA"
+    if isinstance(exc, aiosmtplib.SMTPHeloError):
+        return "EHLO"
+    return "SMTP"
+
+
+def _transport_class(exc: BaseException) -> str | None:
+    """`timeout` or `connection` for a transport failure, else None."""
+    if isinstance(exc, aiosmtplib.SMTPTimeoutError | asyncio.TimeoutError):
+        return "timeout"
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected | ConnectionError | OSError):
+        return "connection"
+    return None
+
+
+def _text(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__)[:500]
