@@ -23,7 +23,7 @@ from services.pipeline import faust_app
 from services.pipeline.contract import Message
 from services.pipeline.db import open_pool
 from services.pipeline.dead_letters import DeadLetters
-from services.pipeline.ingress import accept
+from services.pipeline.ingress import accept, reject
 from services.pipeline.producer import AsyncProducer
 from services.pipeline.retry import retry_transient
 from services.pipeline.settings import Settings
@@ -69,23 +69,23 @@ class Reconciler:
         if self.pool is not None:
             await self.pool.close()
 
-    async def accept_batch(self, events: list[Any], topic: Topic) -> list[Message]:
-        """The valid messages of `events`; the others are dead-lettered."""
+    async def accept_batch(self, events: list[Any], topic: Topic) -> list[tuple[Any, Message]]:
+        """(event, message) for the valid events; the others are dead-lettered."""
         assert self.dead_letters is not None
         accepted = []
         for event in events:
             message = await accept(event, topic, self.dead_letters)
             if message is not None:
-                accepted.append(message)
+                accepted.append((event, message))
         return accepted
 
-    async def write_commands(self, commands: list[Message]) -> None:
+    async def write_commands(self, batch: list[tuple[Any, Message]]) -> None:
         """Apply one batch of campaign commands."""
-        await self._write("campaign commands", commands, self._commands_tx)
+        await self._write("campaign commands", batch, self._commands_tx)
 
-    async def write_outcomes(self, outcomes: list[Message]) -> None:
+    async def write_outcomes(self, batch: list[tuple[Any, Message]]) -> None:
         """Apply one batch of send outcomes."""
-        await self._write("send outcomes", outcomes, self._outcomes_tx)
+        await self._write("send outcomes", batch, self._outcomes_tx)
 
     async def _commands_tx(self, conn: Any, commands: list[Message]) -> None:
         changes, touched = await projections.apply_commands(conn, commands)
@@ -97,10 +97,26 @@ class Reconciler:
         changes = await projections.refresh_campaigns(conn, touched)
         await status_events.record(conn, changes, self.status_topic)
 
-    async def _write(self, what: str, messages: list[Message], tx: Any) -> None:
-        if not messages:
+    async def _write(self, what: str, batch: list[tuple[Any, Message]], tx: Any) -> None:
+        """Write a batch in one transaction; if it fails for a reason other than an
+        outage, write its messages one by one and dead-letter those that fail."""
+        if not batch:
             return
+        try:
+            await self._write_messages(what, [m for _, m in batch], tx)
+        except Exception:  # outages are retried inside; this is a message that cannot apply
+            log.exception("batch of %d %s failed; writing them one by one", len(batch), what)
+            for event, message in batch:
+                try:
+                    await self._write_messages(what, [message], tx)
+                except Exception as exc:
+                    assert self.dead_letters is not None
+                    await reject(event, self.dead_letters,
+                                 f"reconciler could not apply it: {type(exc).__name__}: {exc}",
+                                 error_type="projection_error",
+                                 campaign_id=message.get("campaign_id"))
 
+    async def _write_messages(self, what: str, messages: list[Message], tx: Any) -> None:
         async def work() -> None:
             async with self._write_lock:
                 async with self.pool.connection() as conn, conn.transaction():
@@ -122,16 +138,16 @@ def create_reconciler_app(settings: Settings) -> faust.App:
     async def project_commands(stream: Any) -> None:
         await retry_transient(reconciler.start, what="reconciler start-up")
         async for events in stream.take_events(batch, within=within):
-            commands = await reconciler.accept_batch(list(events), Topic.CAMPAIGN_COMMANDS)
-            await reconciler.write_commands(commands)
+            await reconciler.write_commands(
+                await reconciler.accept_batch(list(events), Topic.CAMPAIGN_COMMANDS))
 
     @app.agent(faust_app.faust_topic(app, Topic.SEND_OUTCOMES, settings),
                name="project-send-outcomes")
     async def project_outcomes(stream: Any) -> None:
         await retry_transient(reconciler.start, what="reconciler start-up")
         async for events in stream.take_events(batch, within=within):
-            outcomes = await reconciler.accept_batch(list(events), Topic.SEND_OUTCOMES)
-            await reconciler.write_outcomes(outcomes)
+            await reconciler.write_outcomes(
+                await reconciler.accept_batch(list(events), Topic.SEND_OUTCOMES))
 
     @app.task
     async def serve_poll_endpoint() -> None:

@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import psycopg
 import pytest
 
-from services.pipeline.contract import envelope, validate
-from services.pipeline.ids import send_id
 from services.pipeline.publish import campaign_messages, lifecycle_message
 from services.reconciler import projections, status_events
-from tests.support.campaigns import campaign, recipients
+from tests.support.campaigns import campaign, outcome, recipients
 
 pytestmark = pytest.mark.integration
-
-
-def outcome(kind: str, campaign_id: str, email: str, code: int | None, reply: str,
-            **extra: Any) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        "campaign_id": campaign_id, "send_id": send_id(campaign_id, email), "attempt": 1,
-        "is_test": False, "account": "default", "recipient_email": email, "smtp_code": code,
-        "smtp_reply": reply, "error_class": None if kind == "outcome.sent" else "permanent",
-        "message_id_header": f"<{send_id(campaign_id, email)}@mailer.local>",
-        "duration_ms": 3.0,
-    }
-    message = envelope(kind, **{**fields, **extra})
-    return validate(message)
 
 
 async def apply(url: str, *, commands: list[dict] = (), outcomes: list[dict] = ()) -> list:

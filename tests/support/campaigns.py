@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.pipeline.contract import envelope, validate
+from services.pipeline.ids import send_id
+
 
 def campaign(campaign_id: str, **overrides: Any) -> dict[str, Any]:
     """A valid campaign definition."""
@@ -29,3 +32,17 @@ def recipients(n: int, domain: str = "example.com") -> list[dict[str, Any]]:
         {"email": f"user{i:05d}@{domain}", "name": f"User {i}", "variables": {"code": f"C{i}"}}
         for i in range(n)
     ]
+
+
+def outcome(kind: str, campaign_id: str, email: str, code: int | None, reply: str,
+            **extra: Any) -> dict[str, Any]:
+    """A valid outcome of `kind` for one recipient, as the sender would publish it."""
+    fields: dict[str, Any] = {
+        "campaign_id": campaign_id, "send_id": send_id(campaign_id, email), "attempt": 1,
+        "is_test": False, "account": "default", "recipient_email": email, "smtp_code": code,
+        "smtp_reply": reply, "error_class": None if kind == "outcome.sent" else "permanent",
+        "message_id_header": f"<{send_id(campaign_id, email)}@mailer.local>",
+        "duration_ms": 3.0,
+    }
+    message = envelope(kind, **{**fields, **extra})
+    return validate(message)
