@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import csv
 import math
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,7 +63,10 @@ def campaign_messages(
             chunk_index=index,
             recipients=recipients[index * chunk_size:(index + 1) * chunk_size],
         )
-        yield _checked(chunk, Topic.CAMPAIGN_COMMANDS, f"recipients chunk {index}")
+        try:
+            yield validate(chunk, Topic.CAMPAIGN_COMMANDS)
+        except InvalidMessage as exc:
+            raise PublishError(_recipient_error(exc.reason, index * chunk_size, recipients)) from None
 
 
 def lifecycle_message(kind: str, campaign_id: str, actor_id: str, reason: str | None) -> Message:
@@ -182,6 +186,16 @@ def publish_command(args: argparse.Namespace, settings: Settings) -> int:
     asyncio.run(publish(settings, messages, progress=len(messages) > 20))
     print(f"published {len(messages)} message(s) for campaign {messages[0]['campaign_id']}")
     return 0
+
+
+def _recipient_error(reason: str, offset: int, recipients: list[dict[str, Any]]) -> str:
+    """Name the recipient (1-based position in the list) that a chunk's error is about."""
+    match = re.search(r"recipients\[(\d+)\]", reason)
+    if match is None:
+        return f"recipients: {reason}"
+    position = offset + int(match.group(1))
+    return (f"recipient {position + 1} of {len(recipients)} "
+            f"({recipients[position].get('email')!r}): {reason}")
 
 
 def _checked(message: Message, topic: Topic, what: str) -> Message:
