@@ -8,7 +8,6 @@ one serializer (orjson). Schema files are named `<kind>.v<version>.json`.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -22,7 +21,7 @@ import orjson
 from services.pipeline.topics import REGISTRY, Topic
 
 SCHEMA_VERSION = 1
-SCHEMAS_DIR = Path(os.environ.get("MAILER_SCHEMAS_DIR", Path(__file__).resolve().parents[2] / "schemas"))
+SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
 Message = dict[str, Any]
 
