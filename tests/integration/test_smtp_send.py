@@ -25,7 +25,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from services.pipeline import contract, ids
+from services.pipeline import contract
 from services.pipeline.producer import AsyncProducer, DeliveryError
 from services.pipeline.settings import Settings
 from services.pipeline.topics import Topic, topic_name
@@ -33,6 +33,7 @@ from services.sender import app as sender_app
 from services.sender.app import SenderRuntime, create_sender_app
 from services.sender.send_step import send_one
 from services.sender.smtp_pool import SmtpPools
+from tests.support.campaigns import send_email
 
 pytestmark = pytest.mark.integration
 
@@ -131,27 +132,17 @@ def make_settings(port: int, **overrides: Any) -> Settings:
 
 def command(to: str = "ann@example.com", **overrides: Any) -> dict[str, Any]:
     """A valid `send.email` command for `to`."""
-    cmd: dict[str, Any] = contract.envelope(
-        "send.email",
+    return send_email(
+        {"email": to, "name": "Recipient", "variables": {"code": "R1"}},
         campaign_id="camp-9",
-        send_id=ids.send_id("camp-9", to),
-        manager_id="manager-7",
-        account="default",
-        priority=5,
-        attempt=1,
-        is_test=False,
-        recipient={"email": to, "name": "Recipient", "variables": {"code": "R1"}},
-        **{"from": {"email": "news@shop.example.com", "name": "Shop"}},
-        template={
-            "subject": "Hello {{ name }}",
-            "text": "Your code: {{ code }}",
-            "html": "<p>Your code: <b>{{ code }}</b></p>",
+        **{
+            "template": {"subject": "Hello {{ name }}", "text": "Your code: {{ code }}",
+                         "html": "<p>Your code: <b>{{ code }}</b></p>"},
+            "variables": {"code": "DEFAULT"},
+            "unsubscribe_url": "https://shop.example.com/u/{{ send_id }}",
+            **overrides,
         },
-        variables={"code": "DEFAULT"},
-        unsubscribe_url="https://shop.example.com/u/{{ send_id }}",
     )
-    cmd.update(overrides)
-    return contract.validate(cmd, Topic.SEND_COMMANDS)
 
 
 def valid(outcome: dict[str, Any]) -> dict[str, Any]:

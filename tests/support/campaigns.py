@@ -46,3 +46,19 @@ def outcome(kind: str, campaign_id: str, email: str, code: int | None, reply: st
     }
     message = envelope(kind, **{**fields, **extra})
     return validate(message)
+
+
+def send_email(
+    recipient: dict[str, Any], *, campaign_id: str = "camp-1", **overrides: Any
+) -> dict[str, Any]:
+    """A valid `send.email` command, built the way the planner builds it."""
+    from services.planner.plan_chunk import send_command
+
+    definition = campaign(campaign_id)
+    definition["from"] = {"email": "news@shop.example.com", "name": "Shop"}
+    for field in ("template", "variables", "reply_to", "unsubscribe_url"):
+        if field in overrides:
+            definition[field] = overrides.pop(field)
+    command = send_command(definition, recipient, send_id(campaign_id, recipient["email"]))
+    command.update(overrides)
+    return validate(command)

@@ -9,34 +9,28 @@ from typing import Any
 
 import pytest
 
-from services.pipeline import contract, ids
+from services.pipeline import ids
 from services.pipeline.settings import Settings
-from services.pipeline.topics import Topic
 from services.sender.message import MessageError, build_message, mailbox
 from services.sender.render import render_command
+from tests.support.campaigns import send_email
 
 SETTINGS = replace(Settings(), message_id_domain="mail.shop.example.com")
 
 
 def command(**overrides: Any) -> dict[str, Any]:
     """A valid `send.email` command."""
-    email_address = "ann@example.com"
-    cmd: dict[str, Any] = contract.envelope(
-        "send.email",
-        campaign_id="camp-1",
-        send_id=ids.send_id("camp-1", email_address),
-        manager_id="manager-7",
-        account="default",
-        priority=5,
-        attempt=1,
-        is_test=False,
-        recipient={"email": email_address, "name": "Ann Example"},
-        **{"from": {"email": "news@shop.example.com", "name": "Shop News"}},
-        template={"subject": "Hi {{ name }}", "text": "Text {{ name }}", "html": "<p>{{ name }}</p>"},
-        variables={},
+    recipient = overrides.pop("recipient", {"email": "ann@example.com", "name": "Ann Example"})
+    return send_email(
+        recipient,
+        **{
+            "template": {"subject": "Hi {{ name }}", "text": "Text {{ name }}",
+                         "html": "<p>{{ name }}</p>"},
+            "variables": {},
+            "from": {"email": "news@shop.example.com", "name": "Shop News"},
+            **overrides,
+        },
     )
-    cmd.update(overrides)
-    return contract.validate(cmd, Topic.SEND_COMMANDS)
 
 
 def build(cmd: dict[str, Any]) -> email.message.EmailMessage:

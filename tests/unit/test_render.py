@@ -6,8 +6,6 @@ from typing import Any
 
 import pytest
 
-from services.pipeline import contract, ids
-from services.pipeline.topics import Topic
 from services.sender.render import (
     TemplateError,
     clear_template_cache,
@@ -16,31 +14,23 @@ from services.sender.render import (
     template_cache_info,
     template_variables,
 )
+from tests.support.campaigns import send_email
 
 
 def command(**overrides: Any) -> dict[str, Any]:
     """A valid `send.email` command."""
     email = overrides.pop("email", "ann@example.com")
-    cmd: dict[str, Any] = contract.envelope(
-        "send.email",
-        campaign_id="camp-1",
-        send_id=ids.send_id("camp-1", email),
-        manager_id="manager-7",
-        account="default",
-        priority=5,
-        attempt=1,
-        is_test=False,
-        recipient={"email": email, "name": "Ann", "variables": {"code": "ANN1"}},
-        **{"from": {"email": "news@shop.example.com", "name": "Shop"}},
-        template={
+    recipient = overrides.pop(
+        "recipient", {"email": email, "name": "Ann", "variables": {"code": "ANN1"}})
+    defaults: dict[str, Any] = {
+        "template": {
             "subject": "Hello {{ name }}, code {{ code }}",
             "text": "Dear {{ name }}, {{ code }} / {{ greeting }}",
             "html": "<p>{{ name }} {{ code }}</p>",
         },
-        variables={"code": "CAMPAIGN", "greeting": "hi"},
-    )
-    cmd.update(overrides)
-    return contract.validate(cmd, Topic.SEND_COMMANDS)
+        "variables": {"code": "CAMPAIGN", "greeting": "hi"},
+    }
+    return send_email(recipient, **{**defaults, **overrides})
 
 
 def test_recipient_variables_override_campaign_variables() -> None:
