@@ -39,7 +39,6 @@ from services.pipeline.demo_progress import (
     counts_of,
     failed_recipients,
     fetch_campaign,
-    mask_email,
 )
 from services.pipeline.embedded import (
     EmbeddedError,
@@ -51,6 +50,7 @@ from services.pipeline.embedded import (
     start_broker,
     stop_processes,
 )
+from services.pipeline.redaction import mask_email
 from services.pipeline.settings import Settings
 
 BOUNCE_ADDRESS = "bounce-demo@example.com"

@@ -5,7 +5,7 @@ None while the endpoint or the campaign is not there yet (a 404); other HTTP
 errors raise `PollError`. `counts_of()` reads the counts with zeros for what
 is missing, `failed_recipients()` the (address, reply) pairs the endpoint
 lists. `Progress` shows a rich bar on a terminal and throttled plain lines
-otherwise. `mask_email()` hides the local part of an address.
+otherwise.
 """
 
 from __future__ import annotations
@@ -24,12 +24,6 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never 
 
 class PollError(RuntimeError):
     """The poll endpoint answered with an unexpected HTTP error."""
-
-
-def mask_email(address: str) -> str:
-    """`bounce-demo@example.com` → `b***@example.com`."""
-    local, at, domain = address.partition("@")
-    return f"{local[:1]}***{at}{domain}" if at else "***"
 
 
 def fetch_campaign(port: int, campaign_id: str, timeout: float = 2.0) -> dict[str, Any] | None:

@@ -29,9 +29,10 @@ from services.pipeline import faust_app
 from services.pipeline.contract import InvalidMessage, Message, decode, encode
 from services.pipeline.dead_letters import DeadLetters
 from services.pipeline.producer import AsyncProducer, DeliveryError
+from services.pipeline.redaction import mask_email
 from services.pipeline.settings import Settings
 from services.pipeline.topics import Topic, topic_name
-from services.sender.send_step import internal_failure, mask_email, send_one
+from services.sender.send_step import internal_failure, send_one
 from services.sender.smtp_pool import SmtpPools
 
 log = logging.getLogger(__name__)

@@ -101,14 +101,6 @@ def internal_failure(
     )
 
 
-def mask_email(address: str) -> str:
-    """An address fit for logs: first character of the local part, then the domain."""
-    local, at, domain = address.rpartition("@")
-    if not at:
-        return "***"
-    return f"{local[:1]}***@{domain}"
-
-
 async def send_one(command: Mapping[str, Any], pools: SmtpPools, settings: Settings) -> Message:
     """Send one command's email; return its outcome message."""
     outcomes = _Outcomes(command, settings, time.monotonic())

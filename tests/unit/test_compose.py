@@ -14,7 +14,7 @@ import yaml
 from services.pipeline.cli import build_parser
 from services.pipeline.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OUR_IMAGE = "campaign-mailer"
 REQUIRED = ("kafka", "postgres", "redis", "mailpit", "migrate", "planner", "reconciler")
 

@@ -10,8 +10,12 @@ import sys
 import time
 from email.message import EmailMessage
 
+import pytest
+
 from services.pipeline.embedded import free_port, port_open
 from services.pipeline.smtp_sink import REJECT_REPLY, SinkHandler, start_server
+
+pytestmark = pytest.mark.integration
 
 
 def _message(to: str) -> EmailMessage:

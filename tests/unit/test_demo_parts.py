@@ -10,7 +10,8 @@ from services.pipeline.demo import (
     demo_recipients,
     settings_env,
 )
-from services.pipeline.demo_progress import counts_of, failed_recipients, mask_email
+from services.pipeline.demo_progress import counts_of, failed_recipients
+from services.pipeline.redaction import mask_email
 from services.pipeline.settings import Settings
 
 
