@@ -9,6 +9,9 @@ creates the registry's topics, then runs the worker until SIGTERM or SIGINT.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import faust
 from faust.worker import Worker
 
@@ -47,6 +50,15 @@ def faust_topic(app: faust.App, topic: Topic, settings: Settings) -> faust.Topic
         key_serializer="raw",
         value_serializer="raw",
     )
+
+
+def close_on_shutdown(app: faust.App, close: Callable[[], Awaitable[None]]) -> None:
+    """Await `close()` when `app` stops, after its consumer has stopped (and committed)."""
+
+    async def receiver(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        await close()
+
+    app.on_before_shutdown.connect(receiver)
 
 
 def run(app: faust.App, settings: Settings) -> None:

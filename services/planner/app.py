@@ -150,10 +150,7 @@ def create_planner_app(settings: Settings) -> faust.App:
         async for event in stream.events():
             await planner.handle(event)
 
-    @app.on_before_shutdown.connect  # type: ignore[arg-type]  # mode types the receiver oddly
-    async def _close(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
-        await planner.stop()
-
+    faust_app.close_on_shutdown(app, planner.stop)
     return app
 
 

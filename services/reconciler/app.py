@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
@@ -133,30 +134,23 @@ def create_reconciler_app(settings: Settings) -> faust.App:
     reconciler = Reconciler(settings)
     batch, within = settings.reconciler_batch_size, settings.reconciler_batch_seconds
 
-    @app.agent(faust_app.faust_topic(app, Topic.CAMPAIGN_COMMANDS, settings),
-               name="project-campaign-commands")
-    async def project_commands(stream: Any) -> None:
-        await retry_transient(reconciler.start, what="reconciler start-up")
-        async for events in stream.take_events(batch, within=within):
-            await reconciler.write_commands(
-                await reconciler.accept_batch(list(events), Topic.CAMPAIGN_COMMANDS))
+    def batch_agent(topic: Topic, write: Callable[[list[tuple[Any, Message]]], Awaitable[None]],
+                    name: str) -> None:
+        async def project(stream: Any) -> None:
+            await retry_transient(reconciler.start, what="reconciler start-up")
+            async for events in stream.take_events(batch, within=within):
+                await write(await reconciler.accept_batch(list(events), topic))
 
-    @app.agent(faust_app.faust_topic(app, Topic.SEND_OUTCOMES, settings),
-               name="project-send-outcomes")
-    async def project_outcomes(stream: Any) -> None:
-        await retry_transient(reconciler.start, what="reconciler start-up")
-        async for events in stream.take_events(batch, within=within):
-            await reconciler.write_outcomes(
-                await reconciler.accept_batch(list(events), Topic.SEND_OUTCOMES))
+        app.agent(faust_app.faust_topic(app, topic, settings), name=name)(project)
+
+    batch_agent(Topic.CAMPAIGN_COMMANDS, reconciler.write_commands, "project-campaign-commands")
+    batch_agent(Topic.SEND_OUTCOMES, reconciler.write_outcomes, "project-send-outcomes")
 
     @app.task
     async def serve_poll_endpoint() -> None:
         await retry_transient(reconciler.start, what="reconciler start-up")
 
-    @app.on_before_shutdown.connect  # type: ignore[arg-type]  # mode types the receiver oddly
-    async def _close(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
-        await reconciler.stop()
-
+    faust_app.close_on_shutdown(app, reconciler.stop)
     return app
 
 

@@ -163,10 +163,7 @@ def create_sender_app(settings: Settings) -> faust.App:
         send_commands
     )
 
-    async def close_resources(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
-        await runtime.close()
-
-    app.on_before_shutdown.connect(close_resources)
+    faust_app.close_on_shutdown(app, runtime.close)
     return app
 
 
