@@ -24,7 +24,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -237,16 +237,7 @@ class SmtpPool:
             raise SmtpConnectError("connection", _describe(exc)) from None
         await self._greet(conn)
         if account.tls == "starttls":
-            try:
-                await conn.starttls()
-            except aiosmtplib.SMTPTimeoutError:
-                raise SmtpConnectError("timeout", "timed out during STARTTLS") from None
-            except aiosmtplib.SMTPResponseException as exc:
-                raise SmtpConnectError(
-                    "tls", f"STARTTLS refused ({exc.code})", exc.code, exc.message
-                ) from None
-            except (aiosmtplib.SMTPException, OSError) as exc:
-                raise SmtpConnectError("tls", f"STARTTLS failed: {_describe(exc)}") from None
+            await _step("STARTTLS", conn.starttls, refused="tls", failed="tls")
             await self._greet(conn)  # RFC 3207: extensions are learnt again over TLS
         if account.username:
             await self._login(conn)
@@ -254,16 +245,7 @@ class SmtpPool:
     @staticmethod
     async def _greet(conn: PooledSMTP) -> None:
         """EHLO (HELO as a fallback) now, so a refusal is a connection failure."""
-        try:
-            await conn._ehlo_or_helo_if_needed()
-        except aiosmtplib.SMTPTimeoutError:
-            raise SmtpConnectError("timeout", "timed out waiting for the EHLO reply") from None
-        except aiosmtplib.SMTPResponseException as exc:
-            raise SmtpConnectError(
-                "connection", f"EHLO refused ({exc.code})", exc.code, exc.message
-            ) from None
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            raise SmtpConnectError("connection", _describe(exc)) from None
+        await _step("EHLO", conn._ehlo_or_helo_if_needed, refused="connection", failed="connection")
 
     async def _login(self, conn: PooledSMTP) -> None:
         account = self.account
@@ -334,6 +316,20 @@ class SmtpPools:
         """Close every pool."""
         for pool in self._pools.values():
             await pool.close()
+
+
+async def _step(
+    name: str, call: Callable[[], Awaitable[Any]], *, refused: ErrorClass, failed: ErrorClass
+) -> None:
+    """Run one session-opening SMTP step, turning its errors into `SmtpConnectError`."""
+    try:
+        await call()
+    except aiosmtplib.SMTPTimeoutError:
+        raise SmtpConnectError("timeout", f"timed out during {name}") from None
+    except aiosmtplib.SMTPResponseException as exc:
+        raise SmtpConnectError(refused, f"{name} refused ({exc.code})", exc.code, exc.message) from None
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        raise SmtpConnectError(failed, f"{name} failed: {_describe(exc)}") from None
 
 
 def _describe(exc: BaseException) -> str:
