@@ -20,7 +20,7 @@ test: $(STAMP) lint typecheck
 	$(BIN)/pytest -ra --durations=15
 
 lint: $(STAMP)
-	$(BIN)/ruff check services tests
+	$(BIN)/ruff check services tests benchmarks
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -21,10 +21,9 @@ import psycopg
 import pytest
 
 from services.pipeline.embedded import free_port, start_broker
-from services.pipeline.kafka_admin import ensure_topics
 from services.pipeline.migrations import migrate
 from services.pipeline.settings import Settings
-from tests.support.processes import ServiceRunner
+from tests.support.processes import ServiceRunner, run_services
 from tests.support.smtp_server import SmtpServer
 
 
@@ -135,6 +134,13 @@ def settings(kafka_bootstrap: str, database_url: str, redis_url: str,
         http_host="127.0.0.1",
         http_port=free_port(),
         reconciler_batch_seconds=0.2,
+        redis_key_prefix=f"t{run}",
+        # no limits unless a test sets them: tests run at any hour of any day
+        hourly_rate=0,
+        daily_limit_per_manager=0,
+        working_hours="00:00-24:00",
+        working_days="1-7",
+        release_interval=0.2,
     )
 
 
@@ -145,12 +151,8 @@ def services(settings: Settings, tmp_path: Path) -> Iterator[ServiceRunner]:
     The registry's topics are created first, as the services would, so that a
     test producing before a service is up does not auto-create a topic.
     """
-    ensure_topics(settings)
-    runner = ServiceRunner(settings, tmp_path / "logs")
-    try:
+    with run_services(settings, tmp_path / "logs") as runner:
         yield runner
-    finally:
-        runner.stop_all()
 
 
 @pytest.fixture

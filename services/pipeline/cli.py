@@ -10,6 +10,7 @@ a one-line error on stderr.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Callable, Sequence
 
@@ -38,10 +39,20 @@ def _run_reconciler(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from redis.exceptions import RedisError
+
     from services.pipeline.migrations import migrate
+    from services.reconciler.limiter_state import restore_limiter
 
     for name in migrate(settings.database_url):
         print(f"applied {name}")
+    try:
+        restored = asyncio.run(restore_limiter(settings))
+    except (RedisError, OSError) as exc:
+        print(f"limiter state not checked, Redis unreachable ({type(exc).__name__}); "
+              "the reconciler restores it when Redis answers")
+    else:
+        print("limiter state restored from send_log" if restored else "limiter state present")
     return 0
 
 
@@ -98,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("planner", _run_planner, "run the planner service (faust worker)")
     add("sender", _run_sender, "run a sender service (faust worker)")
     add("reconciler", _run_reconciler, "run the reconciler service and its poll endpoint")
-    add("migrate", _migrate, "apply the ordered SQL migrations to DATABASE_URL")
+    add("migrate", _migrate,
+        "apply the ordered SQL migrations to DATABASE_URL; restore the limiter's Redis state if lost")
     add("topics", _topics, "create every topic of the registry that does not exist yet")
 
     publish = add("publish", _publish, "publish CRM campaign commands to the broker")

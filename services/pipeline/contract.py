@@ -109,6 +109,11 @@ def utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+def iso(at: datetime) -> str:
+    """An aware datetime as the contract writes it (RFC 3339 UTC, microseconds, `Z`)."""
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
+
+
 def new_message_id() -> str:
     """A fresh, unique message id."""
     return str(uuid.uuid4())

@@ -269,6 +269,12 @@ def _run(
         smtp_password_file="",
         http_host="127.0.0.1",
         http_port=http_port,
+        # the demo shows the pipeline at full speed, at any hour: limits lifted, own Redis keys
+        redis_key_prefix=f"{settings.redis_key_prefix}-demo-{stamp}",
+        hourly_rate=0,
+        daily_limit_per_manager=0,
+        working_hours="00:00-24:00",
+        working_days="1-7",
     )
     env = {**os.environ, **settings_env(demo), "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(
@@ -282,6 +288,9 @@ def _run(
     _wait_for_port(sink, smtp_port, 20.0)
     print(f"smtp sink: 127.0.0.1:{smtp_port} (bounces {mask_email(BOUNCE_ADDRESS)})", flush=True)
     _migrate(demo.database_url)
+    from services.reconciler.limiter_state import restore_limiter
+
+    asyncio.run(restore_limiter(demo))
     from services.pipeline.kafka_admin import ensure_topics
 
     ensure_topics(demo, timeout=30.0)

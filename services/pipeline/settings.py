@@ -106,6 +106,76 @@ class Settings:
         "MAILER_MESSAGE_ID_DOMAIN", "mailer.local",
         "Domain part of the deterministic Message-ID header (`<send_id@domain>`).",
     )
+    # --- limits and deferrals ---------------------------------------------------
+    redis_key_prefix: str = setting(
+        "MAILER_REDIS_KEY_PREFIX", "mailer",
+        "Prefix (Redis Cluster hash tag) of every limiter key; pipelines sharing a Redis differ here.",
+    )
+    accounts_file: str = setting(
+        "MAILER_ACCOUNTS_FILE", "",
+        "JSON file of SMTP accounts, routing, domain throttles and warm-up (docs/LIMITS.md); "
+        "empty: one `default` account from MAILER_SMTP_* and the limits below.",
+    )
+    hourly_rate: int = setting(
+        "MAILER_HOURLY_RATE", 100,
+        "Sends per sliding 60 minutes of the default account (0: unlimited).",
+    )
+    daily_limit_per_manager: int = setting(
+        "MAILER_DAILY_LIMIT_PER_MANAGER", 1000,
+        "Sends per manager per calendar day in the account's time zone (0: unlimited).",
+    )
+    working_hours: str = setting(
+        "MAILER_WORKING_HOURS", "09:00-18:00",
+        "Default account's sending window, local time `HH:MM-HH:MM` (`00:00-24:00`: all day).",
+    )
+    working_days: str = setting(
+        "MAILER_WORKING_DAYS", "1-5", "Default account's working days, ISO weekdays (`1-5`, `1,3,5`, `1-7`)."
+    )
+    time_zone: str = setting(
+        "MAILER_TIME_ZONE", "Europe/Moscow",
+        "Default account's time zone: working hours and the manager's calendar day.",
+    )
+    quota_url: str = setting(
+        "MAILER_QUOTA_URL", "",
+        "Provider quota endpoint of the default account (smtp.bz-style JSON); empty: no paid quota.",
+    )
+    quota_api_key: str = setting(
+        "MAILER_QUOTA_API_KEY", "", "API key sent to the quota endpoint.", secret=True
+    )
+    quota_api_key_file: str = setting(
+        "MAILER_QUOTA_API_KEY_FILE", "", "File holding the quota API key; wins over MAILER_QUOTA_API_KEY."
+    )
+    quota_sync_interval: float = setting(
+        "MAILER_QUOTA_SYNC_INTERVAL", 60.0, "Seconds between two polls of each quota endpoint."
+    )
+    limiter_outage_policy: str = setting(
+        "MAILER_LIMITER_OUTAGE_POLICY", "fail_closed",
+        "When Redis is unreachable: `fail_closed` (send nothing, defer with limiter_unavailable) "
+        "or `local_share` (each sender uses 1/MAILER_SENDER_INSTANCES of every limit in memory).",
+    )
+    sender_instances: int = setting(
+        "MAILER_SENDER_INSTANCES", 1, "Sender processes sharing the limits (the N of `local_share`)."
+    )
+    limiter_retry_seconds: float = setting(
+        "MAILER_LIMITER_RETRY_SECONDS", 5.0,
+        "Clock seconds a send waits when the limiter is unavailable or the quota is unknown or 0.",
+    )
+    transient_retry_seconds: float = setting(
+        "MAILER_TRANSIENT_RETRY_SECONDS", 60.0,
+        "First backoff after a 4xx `slow down` reply (clock seconds; doubles per attempt, jittered).",
+    )
+    transient_max_attempts: int = setting(
+        "MAILER_TRANSIENT_MAX_ATTEMPTS", 5, "SMTP attempts per recipient before a 4xx becomes final."
+    )
+    release_interval: float = setting(
+        "MAILER_RELEASE_INTERVAL", 1.0,
+        "Wall seconds between two passes of the reconciler's release of parked sends that are due.",
+    )
+    clock_file: str = setting(
+        "MAILER_CLOCK_FILE", "",
+        "Tests only: a JSON file {start, anchor, speed} driving a compressed clock every process "
+        "shares (services/pipeline/clock.py); empty: the wall clock.",
+    )
     # --- reconciler -----------------------------------------------------------
     reconciler_batch_size: int = setting(
         "MAILER_RECONCILER_BATCH_SIZE", 500, "Most messages the reconciler writes in one transaction."
@@ -143,8 +213,14 @@ class Settings:
             raise SettingsError(
                 f"MAILER_SMTP_TLS must be none, starttls or tls, not {self.smtp_tls!r}"
             )
+        if self.limiter_outage_policy not in ("fail_closed", "local_share"):
+            raise SettingsError(
+                "MAILER_LIMITER_OUTAGE_POLICY must be fail_closed or local_share, "
+                f"not {self.limiter_outage_policy!r}"
+            )
         for name in ("send_commands_partitions", "sender_concurrency", "smtp_pool_size",
-                     "max_chunk_recipients", "reconciler_batch_size"):
+                     "max_chunk_recipients", "reconciler_batch_size", "sender_instances",
+                     "transient_max_attempts"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{env_var(name)} must be at least 1")
 

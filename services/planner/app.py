@@ -17,6 +17,7 @@ from typing import Any
 import faust
 
 from services.pipeline import faust_app
+from services.pipeline.accounts import load_accounts
 from services.pipeline.contract import Message
 from services.pipeline.db import open_pool
 from services.pipeline.dead_letters import DeadLetters
@@ -45,11 +46,16 @@ class PlannerParts:
     pool: Any
 
 
+#: Test emails go before campaign sends competing for the same account (R5, R6).
+TEST_EMAIL_PRIORITY = 9
+
+
 class Planner:
     """Handles one campaign command at a time."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.accounts = load_accounts(settings)
         self.parts: PlannerParts | None = None
 
     async def start(self) -> PlannerParts:
@@ -89,6 +95,7 @@ class Planner:
             return
         kind = message["kind"]
         if kind == "campaign.start":
+            message["account"] = self.accounts.route(message.get("account"), message["manager_id"])
             await parts.store.save(message)
             log.info("campaign %s: start recorded", message["campaign_id"])
         elif kind == "campaign.recipients":
@@ -129,9 +136,11 @@ class Planner:
         definition: dict[str, Any] = {
             k: command[k]
             for k in ("campaign_id", "manager_id", "account", "from", "reply_to", "template",
-                      "variables", "unsubscribe_url")
+                      "variables", "unsubscribe_url", "occurred_at")
             if k in command
         }
+        definition["account"] = self.accounts.route(command.get("account"), command["manager_id"])
+        definition["priority"] = TEST_EMAIL_PRIORITY  # a manager waits for it; limits still apply
         sid = test_send_id(command["campaign_id"], command["message_id"])
         await plan(
             parts.pool, parts.producer, parts.send_topic, definition,

@@ -15,6 +15,7 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
+from services.pipeline.accounts import DEFAULT_ACCOUNT
 from services.pipeline.contract import Message, encode, envelope
 from services.pipeline.ids import normalize_email, send_id
 from services.pipeline.producer import AsyncProducer
@@ -29,7 +30,7 @@ def send_command(
         campaign_id=definition["campaign_id"],
         send_id=sid,
         manager_id=definition["manager_id"],
-        account=definition.get("account", "default"),
+        account=definition.get("account") or DEFAULT_ACCOUNT,
         priority=definition.get("priority", 5),
         attempt=1,
         is_test=is_test,
@@ -38,7 +39,9 @@ def send_command(
         variables=definition.get("variables", {}),
     )
     command["from"] = definition["from"]
-    for optional in ("reply_to", "unsubscribe_url"):
+    if queued_at := definition.get("queued_at") or definition.get("occurred_at"):
+        command["queued_at"] = queued_at  # the campaign's start: orders equal priorities
+    for optional in ("reply_to", "unsubscribe_url", "rate_per_hour", "working_hours"):
         if definition.get(optional) is not None:
             command[optional] = definition[optional]
     return command

@@ -5,9 +5,13 @@ in batches (`settings.reconciler_batch_size` / `_batch_seconds`). Each batch
 is one transaction: projections, counts, completions, audit rows and status
 events (outbox) commit together; the outbox is published after the commit;
 faust acknowledges the batch's offsets only after all of that (faust's `take`
-acks a batch when the loop asks for the next one). Invalid messages go to the
-dead-letter topic. Postgres or broker outages are waited out and retried.
-The poll endpoint is served on `settings.http_port`.
+acks a batch when the loop asks for the next one). Deferred outcomes park their commands
+(`deferrals.park`) and every batch brings the campaigns' queue state up to
+date. Tasks beside the agents: the deferral scheduler (`Releaser`, every
+`MAILER_RELEASE_INTERVAL` s, which first restores the limiter's Redis state
+when it was lost), the provider quota sync and the warm-up steps. Invalid
+messages go to the dead-letter topic. Postgres or broker outages are waited
+out and retried. The poll endpoint is served on `settings.http_port`.
 """
 
 from __future__ import annotations
@@ -21,20 +25,31 @@ import faust
 from aiohttp import web
 
 from services.pipeline import faust_app
+from services.pipeline.accounts import load_accounts
+from services.pipeline.clock import clock_from_settings
 from services.pipeline.contract import Message
 from services.pipeline.db import open_pool
 from services.pipeline.dead_letters import DeadLetters
 from services.pipeline.ingress import accept, reject
+from services.pipeline.limiter_keys import LimiterKeys
 from services.pipeline.producer import AsyncProducer
 from services.pipeline.retry import retry_transient
 from services.pipeline.settings import Settings
 from services.pipeline.topics import Topic, topic_name
-from services.reconciler import projections, status_events
+from services.reconciler import deferrals, projections, status_events
+from services.reconciler.campaign_view import CampaignViews
 from services.reconciler.http_api import start_server
+from services.reconciler.limiter_state import restore_if_lost
+from services.reconciler.quota_sync import QuotaSync
+from services.reconciler.release import Releaser
+from services.reconciler.warmup import advance_warmup
+from services.sender.rate_limit import Limiter
 
 log = logging.getLogger(__name__)
 
 SERVICE = "reconciler"
+#: Wall seconds between two warm-up steps (a step changes at most once a local day).
+WARMUP_INTERVAL = 60.0
 
 
 class Reconciler:
@@ -49,6 +64,11 @@ class Reconciler:
         self.producer: AsyncProducer | None = None
         self.dead_letters: DeadLetters | None = None
         self.runner: web.AppRunner | None = None
+        self.accounts = load_accounts(settings)
+        self.clock = clock_from_settings(settings)
+        self.limiter: Limiter | None = None
+        self.releaser: Releaser | None = None
+        self.quota_sync: QuotaSync | None = None
 
     async def start(self) -> None:
         """Open the pool, the producer and the poll endpoint (once)."""
@@ -57,14 +77,51 @@ class Reconciler:
                 self.pool = await open_pool(self.settings, max_size=6, name=SERVICE)
                 self.producer = AsyncProducer(self.settings, client_id=self.settings.app_id(SERVICE))
                 self.dead_letters = DeadLetters(self.producer, self.settings, SERVICE)
-                self.runner = await start_server(self.pool, self.settings)
+                self.limiter = Limiter.from_settings(self.settings)
+                self.releaser = Releaser(
+                    self.pool, self.producer, self.limiter, self.accounts, self.clock,
+                    topic_name(Topic.SEND_COMMANDS, self.settings), self.status_topic,
+                )
+                sources = [a.quota for a in self.accounts.by_name.values() if a.quota is not None]
+                self.quota_sync = QuotaSync(
+                    sources, self.limiter.redis, LimiterKeys(self.settings.redis_key_prefix), self.clock
+                )
+                self.runner = await start_server(self.pool, self.settings, self.views())
                 log.info("poll endpoint on %s:%s", self.settings.http_host, self.settings.http_port)
                 await status_events.publish_outbox(self.pool, self.producer)
+
+    def views(self) -> CampaignViews:
+        """What the poll endpoint needs besides Postgres: accounts, clock, limiter state."""
+        assert self.limiter is not None
+        return CampaignViews(self.accounts, self.clock, self.limiter.redis,
+                             LimiterKeys(self.settings.redis_key_prefix))
+
+    async def schedule(self) -> None:
+        """One pass of the deferral scheduler: restore the limiter if Redis lost it, release
+        what is due, publish the status events that produced."""
+        await self.start()
+        assert self.releaser is not None and self.limiter is not None and self.producer is not None
+        await restore_if_lost(self.pool, self.limiter, self.accounts, self.clock)
+        async with self._write_lock:
+            await self.releaser.release_due()
+        await status_events.publish_outbox(self.pool, self.producer)
+
+    async def warm_up(self) -> None:
+        """Step the warm-up schedules and write the caps to Redis."""
+        await self.start()
+        assert self.limiter is not None
+        if not any(a.warmup for a in self.accounts.by_name.values()):
+            return
+        async with self.pool.connection() as conn, conn.transaction():
+            await advance_warmup(conn, self.limiter.redis, LimiterKeys(self.settings.redis_key_prefix),
+                                 self.accounts, self.clock.now())
 
     async def stop(self) -> None:
         """Stop serving, flush and close."""
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.limiter is not None:
+            await self.limiter.close()
         if self.producer is not None:
             await self.producer.close()
         if self.pool is not None:
@@ -89,13 +146,16 @@ class Reconciler:
         await self._write("send outcomes", batch, self._outcomes_tx)
 
     async def _commands_tx(self, conn: Any, commands: list[Message]) -> None:
-        changes, touched = await projections.apply_commands(conn, commands)
+        changes, touched = await projections.apply_commands(conn, commands, self.accounts)
         changes += await projections.refresh_campaigns(conn, touched)
+        changes += await deferrals.refresh_queue_state(conn, touched)
         await status_events.record(conn, changes, self.status_topic)
 
     async def _outcomes_tx(self, conn: Any, outcomes: list[Message]) -> None:
         touched = await projections.apply_outcomes(conn, outcomes)
+        touched |= await deferrals.park(conn, outcomes)
         changes = await projections.refresh_campaigns(conn, touched)
+        changes += await deferrals.refresh_queue_state(conn, touched)
         await status_events.record(conn, changes, self.status_topic)
 
     async def _write(self, what: str, batch: list[tuple[Any, Message]], tx: Any) -> None:
@@ -128,6 +188,18 @@ class Reconciler:
         await retry_transient(work, what=f"writing {len(messages)} {what}")
 
 
+async def every(interval: float, work: Callable[[], Awaitable[None]], what: str) -> None:
+    """Run `work` every `interval` wall seconds until cancelled; an error is logged, not fatal."""
+    while True:
+        try:
+            await work()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed; trying again in %.1fs", what, interval)
+        await asyncio.sleep(interval)
+
+
 def create_reconciler_app(settings: Settings) -> faust.App:
     """The reconciler's faust app: two batch agents and the poll endpoint."""
     app = faust_app.create_app(SERVICE, settings)
@@ -149,6 +221,20 @@ def create_reconciler_app(settings: Settings) -> faust.App:
     @app.task
     async def serve_poll_endpoint() -> None:
         await retry_transient(reconciler.start, what="reconciler start-up")
+
+    @app.task
+    async def release_parked_sends() -> None:
+        await every(settings.release_interval, reconciler.schedule, "releasing parked sends")
+
+    @app.task
+    async def step_warm_up() -> None:
+        await every(WARMUP_INTERVAL, reconciler.warm_up, "warm-up step")
+
+    @app.task
+    async def sync_quotas() -> None:
+        await retry_transient(reconciler.start, what="reconciler start-up")
+        assert reconciler.quota_sync is not None
+        await reconciler.quota_sync.run(asyncio.Event())
 
     faust_app.close_on_shutdown(app, reconciler.stop)
     return app

@@ -1,9 +1,14 @@
 """What managers and ops see of one campaign, read from the projections.
 
-Contract: `campaign_view(conn, id, failed_limit)` returns the JSON-ready dict
-the poll endpoint serves (status, reason, counts per state, declared sizes,
-failed recipients with their SMTP replies, timestamps), or `None` for an
-unknown campaign. `show_command` prints the same for `mailer show`.
+Contract: `campaign_view(conn, id, failed_limit, views, lang)` returns the
+JSON-ready dict the poll endpoint serves, or `None` for an unknown campaign:
+status (`deferred` while a sending campaign waits for a limit), the reason as
+a code and as a manager's text in `lang` (one catalogue, numbers and times
+filled in), `next_run_at`, counts per state, declared sizes, the ETA from the
+remaining recipients, the limits, the quota and the working windows (with a
+deadline warning), failed recipients with their SMTP replies, timestamps.
+Limiter figures come from Redis when it answers; without it the ETA assumes
+an empty window and an unknown quota. `show_command` prints it for `mailer show`.
 """
 
 from __future__ import annotations
@@ -11,15 +16,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import orjson
 import psycopg
 from psycopg import AsyncConnection
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
+from services.pipeline.accounts import Accounts, load_accounts
+from services.pipeline.clock import Clock, clock_from_settings
 from services.pipeline.db import fetch_dicts
+from services.pipeline.limiter_keys import LimiterKeys
 from services.pipeline.settings import Settings
+from services.pipeline.working_hours import WorkingHours, local_day, next_open_all
+from services.reconciler.eta import EtaInputs, deadline_warning
+from services.reconciler.eta import estimate as estimate_eta
+from services.reconciler.reason_texts import Language, defer_text, status_text
 from services.reconciler.status_events import COUNT_FIELDS
 
 _TIMESTAMPS = ("created_at", "started_at", "first_sent_at", "completed_at", "updated_at")
@@ -29,7 +44,20 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat().replace("+00:00", "Z")
 
 
-async def campaign_view(conn: AsyncConnection, campaign_id: str, failed_limit: int) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class CampaignViews:
+    """What a view needs besides Postgres: the accounts, the clock and the limiter's Redis."""
+
+    accounts: Accounts
+    clock: Clock
+    redis: Redis
+    keys: LimiterKeys
+
+
+async def campaign_view(
+    conn: AsyncConnection, campaign_id: str, failed_limit: int,
+    views: CampaignViews | None = None, lang: Language = "ru",
+) -> dict[str, Any] | None:
     """The poll endpoint's body for `campaign_id`, or `None` when it is unknown."""
     rows = await fetch_dicts(conn, "SELECT * FROM campaigns WHERE campaign_id = %s", (campaign_id,))
     if not rows:
@@ -42,14 +70,19 @@ async def campaign_view(conn: AsyncConnection, campaign_id: str, failed_limit: i
         " ORDER BY updated_at, email LIMIT %s",
         (campaign_id, failed_limit),
     )
+    status = "deferred" if c["status"] == "sending" and c["defer_reason"] else c["status"]
+    schedule = await _schedule(c, status, views, lang) if views is not None else {}
     return {
         "campaign_id": c["campaign_id"],
         "name": c["name"],
         "manager_id": c["manager_id"],
         "account": c["account"],
         "priority": c["priority"],
-        "status": c["status"],
+        "status": status,
         "status_reason": c["status_reason"],
+        "defer_reason": c["defer_reason"] or None,
+        "deferred_until": _iso(c["deferred_until"]),
+        **schedule,
         "counts": {k: c[k] for k in COUNT_FIELDS},
         "declared": {
             "recipients": c["total_declared"],
@@ -72,12 +105,96 @@ async def campaign_view(conn: AsyncConnection, campaign_id: str, failed_limit: i
     }
 
 
+async def _schedule(
+    c: dict[str, Any], status: str, views: CampaignViews, lang: Language
+) -> dict[str, Any]:
+    """reason text, next_run_at and ETA of one campaign row."""
+    now = views.clock.now()
+    account = views.accounts.get(c["account"])
+    if account is None:
+        return {"reason": c["status_reason"], "next_run_at": None, "eta": None}
+    windows = [account.working_hours]
+    if c["working_hours"]:
+        windows.append(WorkingHours.from_json(c["working_hours"], account.working_hours))
+    live = await _limiter_figures(c, account.name, account.time_zone, views, now)
+    numbers: dict[str, int | str] = {
+        "limit": c["rate_per_hour"] or account.hourly_rate,
+        "sent": live["sent_today"],
+        "daily_limit": account.daily_limit_per_manager,
+        "window": " ".join(w.describe() for w in windows),
+    }
+    if c["defer_reason"] == "daily_limit":
+        numbers["limit"] = account.daily_limit_per_manager
+    if status == "deferred":
+        reason = defer_text(c["defer_reason"], lang, until=c["deferred_until"],
+                            time_zone=account.time_zone, now=now, numbers=numbers)
+        next_run: datetime | None = c["deferred_until"]
+    else:
+        reason = status_text(status, lang, reason=c["status_reason"])
+        next_run = next_open_all(windows, now) if status == "sending" else None
+    eta = None
+    deadline_late = False
+    if status in ("sending", "deferred"):
+        estimate = estimate_eta(EtaInputs(
+            now=now, remaining=c["pending"], hourly_rate=account.hourly_rate,
+            campaign_rate=c["rate_per_hour"], daily_limit=account.daily_limit_per_manager,
+            sent_today=live["sent_today"], sent_last_hour=live["sent_last_hour"],
+            quota=live["quota"], windows=windows, time_zone=account.time_zone,
+            not_before=c["deferred_until"],
+        ))
+        eta = estimate.to_json()
+        deadline_late = deadline_warning(estimate, c["deadline"])
+    return {
+        "reason": reason,
+        "next_run_at": _iso(next_run),
+        "eta": eta,
+        "deadline": _iso(c["deadline"]),
+        "deadline_warning": deadline_late,
+    }
+
+
+async def _limiter_figures(
+    c: dict[str, Any], account: str, time_zone: str, views: CampaignViews, now: datetime
+) -> dict[str, Any]:
+    """The manager's sends today, the account's sends this hour and its quota, from Redis."""
+    day, _ = local_day(now, time_zone)
+    figures: dict[str, Any] = {"sent_today": 0, "sent_last_hour": 0, "quota": None}
+    account_cfg = views.accounts.get(account)
+    try:
+        daily = await views.redis.get(views.keys.daily(account, c["manager_id"], day))
+        in_window = await views.redis.zcount(
+            views.keys.account_rate(account), f"({now.timestamp() - 3600}", "+inf"
+        )
+        quota = await views.redis.get(views.keys.quota(account))
+    except (RedisError, OSError):
+        return figures
+    figures["sent_today"] = int(daily or 0)
+    figures["sent_last_hour"] = int(in_window)
+    if account_cfg is not None and account_cfg.quota is not None and quota is not None:
+        figures["quota"] = int(quota)
+    return figures
+
+
+def views_from_settings(settings: Settings) -> CampaignViews:
+    """CampaignViews for a CLI process (its own Redis client; close `.redis` after)."""
+    return CampaignViews(
+        load_accounts(settings), clock_from_settings(settings),
+        Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2),
+        LimiterKeys(settings.redis_key_prefix),
+    )
+
+
 def show_command(args: argparse.Namespace, settings: Settings) -> int:
     """`mailer show ID`: print one campaign (exit 1 when it is unknown)."""
 
     async def load() -> dict[str, Any] | None:
-        async with await psycopg.AsyncConnection.connect(settings.database_url) as conn:
-            return await campaign_view(conn, args.campaign_id, settings.failed_recipients_limit)
+        views = views_from_settings(settings)
+        try:
+            async with await psycopg.AsyncConnection.connect(settings.database_url) as conn:
+                return await campaign_view(conn, args.campaign_id, settings.failed_recipients_limit,
+                                           views, "en")
+        finally:
+            await views.redis.aclose()
 
     view = asyncio.run(load())
     if view is None:
@@ -88,7 +205,10 @@ def show_command(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     counts = view["counts"]
     print(f"campaign  {view['campaign_id']}  ({view['name']})")
-    print(f"status    {view['status']}  {view['status_reason']}")
+    print(f"status    {view['status']}  {view['reason']}")
+    if view["defer_reason"]:
+        print(f"deferred  {view['defer_reason']} until {view['deferred_until']}")
+    print(f"next run  {view['next_run_at']}   eta {(view['eta'] or {}).get('finish_at')}")
     print("counts    " + "  ".join(f"{k}={counts[k]}" for k in COUNT_FIELDS))
     print(f"started   {view['started_at']}   completed {view['completed_at']}")
     for f in view["failed_recipients"]:

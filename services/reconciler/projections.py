@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 
 from psycopg import AsyncConnection
+from psycopg.types.json import Jsonb
 
+from services.pipeline.accounts import Accounts
 from services.pipeline.contract import Message
 from services.pipeline.ids import send_id
 
@@ -39,10 +42,13 @@ class StatusChange:
     action: str
     reason: str
     source_message_id: str | None = None
+    announce: bool = True  # publish a campaign.status event (False: audit only)
+    defer_reason: str = ""  # set when `after` is "deferred"
+    deferred_until: datetime | None = None
 
 
 async def apply_commands(
-    conn: AsyncConnection, commands: Iterable[Message]
+    conn: AsyncConnection, commands: Iterable[Message], accounts: Accounts
 ) -> tuple[list[StatusChange], set[str]]:
     """Apply campaign commands in order; return their status changes and the campaigns touched."""
     changes: list[StatusChange] = []
@@ -51,7 +57,7 @@ async def apply_commands(
         touched.add(command["campaign_id"])
         kind = command["kind"]
         if kind == "campaign.start":
-            changes.extend(await _start(conn, command))
+            changes.extend(await _start(conn, command, accounts))
         elif kind == "campaign.recipients":
             await _chunk(conn, command)
         elif kind in _TRANSITIONS:
@@ -59,19 +65,23 @@ async def apply_commands(
     return changes, touched
 
 
-async def _start(conn: AsyncConnection, start: Message) -> list[StatusChange]:
+async def _start(conn: AsyncConnection, start: Message, accounts: Accounts) -> list[StatusChange]:
+    hours = start.get("working_hours")
     cur = await conn.execute(
         """
         INSERT INTO campaigns (campaign_id, manager_id, name, account, priority, status,
-                               total_declared, chunks_declared, started, started_at)
-        VALUES (%s, %s, %s, %s, %s, 'sending', %s, %s, true, %s)
+                               total_declared, chunks_declared, started, started_at, queued_at,
+                               rate_per_hour, working_hours, deadline)
+        VALUES (%s, %s, %s, %s, %s, 'sending', %s, %s, true, %s, %s, %s, %s, %s)
         ON CONFLICT (campaign_id) DO NOTHING
         RETURNING campaign_id
         """,
         (
             start["campaign_id"], start["manager_id"], start.get("name", ""),
-            start.get("account", "default"), start.get("priority", 5),
+            accounts.route(start.get("account"), start["manager_id"]), start.get("priority", 5),
             start["total_recipients"], start["total_chunks"], start["occurred_at"],
+            start["occurred_at"], start.get("rate_per_hour", 0),
+            None if hours is None else Jsonb(hours), start.get("deadline"),
         ),
     )
     if await cur.fetchone() is None:
@@ -158,7 +168,7 @@ async def apply_outcomes(conn: AsyncConnection, outcomes: list[Message]) -> set[
                                   account, smtp_code, smtp_reply, error_class, reason,
                                   message_id, duration_ms, occurred_at)
             VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-            ON CONFLICT (send_id, attempt) DO NOTHING
+            ON CONFLICT (send_id, attempt, outcome) DO NOTHING
             """,
             [
                 (

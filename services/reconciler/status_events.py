@@ -13,7 +13,7 @@ from __future__ import annotations
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from services.pipeline.contract import encode, envelope
+from services.pipeline.contract import encode, envelope, iso
 from services.pipeline.producer import AsyncProducer
 from services.reconciler.projections import StatusChange
 
@@ -40,24 +40,30 @@ async def record(conn: AsyncConnection, changes: list[StatusChange], status_topi
     )
     counts = {row[0]: dict(zip(COUNT_FIELDS, row[1:], strict=True)) for row in await cur.fetchall()}
     empty = dict.fromkeys(COUNT_FIELDS, 0)
+    if not any(c.announce for c in changes):
+        return
     async with conn.cursor() as cur:
         await cur.executemany(
             "INSERT INTO outbox (topic, key, payload) VALUES (%s, %s, %s)",
             [
-                (
-                    status_topic,
-                    c.campaign_id,
-                    encode(
-                        envelope(
-                            "campaign.status", campaign_id=c.campaign_id, status=c.after,
-                            previous_status=c.before, reason=c.reason, actor_id=c.actor,
-                            counts=counts.get(c.campaign_id, empty),
-                        )
-                    ),
-                )
+                (status_topic, c.campaign_id, encode(_event(c, counts.get(c.campaign_id, empty))))
                 for c in changes
+                if c.announce
             ],
         )
+
+
+def _event(change: StatusChange, counts: dict[str, int]) -> dict[str, object]:
+    fields: dict[str, object] = {}
+    if change.defer_reason:
+        fields["defer_reason"] = change.defer_reason
+        until = change.deferred_until
+        fields["deferred_until"] = None if until is None else iso(until)
+    return envelope(
+        "campaign.status", campaign_id=change.campaign_id, status=change.after,
+        previous_status=change.before, reason=change.reason, actor_id=change.actor,
+        counts=counts, **fields,
+    )
 
 
 async def publish_outbox(pool: AsyncConnectionPool, producer: AsyncProducer, limit: int = 1000) -> int:

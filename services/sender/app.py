@@ -2,10 +2,16 @@
 
 Contract: `create_sender_app(settings)` returns the faust app whose one agent
 (concurrency `MAILER_SENDER_CONCURRENCY`) reads `mailer.send-commands`. For
-each record it either dead-letters it (not a valid `send.email`) or sends it
-with `send_one` and produces the outcome to `mailer.send-outcomes` keyed by
-send_id. Either way the iteration waits for the broker's acknowledgement
-(retrying a failed delivery) before it ends, so faust acks, and later
+each record it either dead-letters it (not a valid `send.email`) or passes it
+through the `SendGate` (working hours, then the shared Redis limiter): a send
+the gate refuses becomes `outcome.deferred` carrying the command (the
+reconciler parks it and brings it back when due; the agent never sleeps), an
+admitted one is sent with `send_one`. A failed send gives its tokens back; a
+4xx becomes a deferred retry while attempts remain, and a "slow down" reply
+cuts the account's adaptive rate. The outcome goes to `mailer.send-outcomes`
+keyed by send_id, stamped with the (possibly compressed) clock's time.
+Either way the iteration waits for the broker's acknowledgement (retrying a
+failed delivery) before it ends, so faust acks, and later
 commits, the command's offset only once its outcome or dead letter is
 durable. An unexpected error while sending becomes `outcome.failed` with
 error_class `internal`; nothing is dropped silently and the agent keeps
@@ -26,14 +32,20 @@ from typing import Any
 import faust
 
 from services.pipeline import faust_app
-from services.pipeline.contract import InvalidMessage, Message, decode, encode
+from services.pipeline.accounts import load_accounts
+from services.pipeline.clock import clock_from_settings
+from services.pipeline.contract import InvalidMessage, Message, decode, encode, iso
 from services.pipeline.dead_letters import DeadLetters
 from services.pipeline.producer import AsyncProducer, DeliveryError
 from services.pipeline.redaction import mask_email
 from services.pipeline.settings import Settings
 from services.pipeline.topics import Topic, topic_name
+from services.sender.deferral import parked_outcome, retry_later
+from services.sender.rate_limit import Limiter
+from services.sender.send_gate import Parked, SendGate
 from services.sender.send_step import internal_failure, send_one
 from services.sender.smtp_pool import SmtpPools
+from services.sender.smtp_replies import is_slow_down
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +63,30 @@ class SenderRuntime:
         *,
         producer: AsyncProducer | None = None,
         pools: SmtpPools | None = None,
+        gate: SendGate | None = None,
     ) -> None:
         self.settings = settings
+        self.clock = clock_from_settings(settings)
+        self._gate = gate
         self._producer = producer
         self._pools = pools
         self._dead_letters: DeadLetters | None = None
         self._outcomes_topic = topic_name(Topic.SEND_OUTCOMES, settings)
         self._closed = False
 
-    def _resources(self) -> tuple[AsyncProducer, SmtpPools, DeadLetters]:
+    def _resources(self) -> tuple[AsyncProducer, SmtpPools, DeadLetters, SendGate]:
         if self._closed:
             raise RuntimeError("sender runtime is closed")
+        if self._gate is None:
+            limiter = Limiter.from_settings(self.settings)
+            self._gate = SendGate(load_accounts(self.settings), limiter, self.clock)
         if self._producer is None:
             self._producer = AsyncProducer(self.settings, client_id=self.settings.app_id(SERVICE))
         if self._pools is None:
             self._pools = SmtpPools.from_settings(self.settings)
         if self._dead_letters is None:
             self._dead_letters = DeadLetters(self._producer, self.settings, SERVICE)
-        return self._producer, self._pools, self._dead_letters
+        return self._producer, self._pools, self._dead_letters, self._gate
 
     async def handle(
         self,
@@ -80,7 +98,7 @@ class SenderRuntime:
         value: bytes | None,
     ) -> Message | None:
         """Process one record; return the outcome produced (None when dead-lettered)."""
-        producer, pools, dead_letters = self._resources()
+        producer, pools, dead_letters, gate = self._resources()
         try:
             command = decode(value, Topic.SEND_COMMANDS)
         except Exception as exc:
@@ -100,7 +118,7 @@ class SenderRuntime:
             return None
         started = time.monotonic()
         try:
-            outcome = await send_one(command, pools, self.settings)
+            outcome = await self._send(command, gate, pools, started)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -113,6 +131,7 @@ class SenderRuntime:
             outcome = internal_failure(
                 command, self.settings, f"internal error: {type(exc).__name__}", started
             )
+        outcome["occurred_at"] = iso(self.clock.now())
         payload = encode(outcome)
         send_id = command["send_id"].encode("ascii")
         await _until_delivered(
@@ -120,11 +139,38 @@ class SenderRuntime:
         )
         return outcome
 
+    async def _send(
+        self, command: Message, gate: SendGate, pools: SmtpPools, started: float
+    ) -> Message:
+        """Admit, send and account for one command; return its outcome."""
+        admission = await gate.admit(command)
+        if isinstance(admission, Parked):
+            return parked_outcome(command, self.settings, admission.reason, admission.until, started)
+        outcome = await send_one(command, pools, self.settings)
+        request = admission.request
+        if request is None:
+            return outcome
+        if outcome["kind"] == "outcome.sent":
+            if admission.factor < 1.0:
+                await gate.limiter.feedback(request.account, request.domain_group, slow_down=False)
+            return outcome
+        if outcome["kind"] != "outcome.failed":
+            return outcome  # unknown: the provider may have counted it; keep the tokens
+        await gate.limiter.refund(request)
+        if outcome["error_class"] != "transient":
+            return outcome
+        if is_slow_down(outcome["smtp_code"], outcome["smtp_reply"]):
+            await gate.limiter.feedback(request.account, request.domain_group, slow_down=True)
+        retry = retry_later(command, outcome, self.settings, self.clock.now(), started)
+        return outcome if retry is None else retry
+
     async def close(self) -> None:
         """Close the SMTP pools, then flush and close the producer."""
         self._closed = True
         if self._pools is not None:
             await self._pools.close()
+        if self._gate is not None:
+            await self._gate.limiter.close()
         if self._producer is not None:
             await self._producer.close()
         log.info("sender closed its SMTP pools and outcome producer")

@@ -41,7 +41,7 @@ NO_REPLY_AFTER_DATA = "no_reply_after_data"
 MAX_TEXT = 2000
 
 
-class _Outcomes:
+class Outcomes:
     """Builds the outcomes of one command, measuring time from its creation."""
 
     def __init__(self, command: Mapping[str, Any], settings: Settings, started: float) -> None:
@@ -57,6 +57,7 @@ class _Outcomes:
         reply: str = "",
         error_class: str | None = None,
         reason: str | None = None,
+        **extra: Any,
     ) -> Message:
         command = self.command
         fields: dict[str, Any] = {
@@ -76,6 +77,7 @@ class _Outcomes:
         }
         if reason is not None:
             fields["reason"] = reason[:MAX_TEXT]
+        fields.update(extra)
         return envelope(f"outcome.{kind}", **fields)
 
     def failed(
@@ -96,14 +98,14 @@ def internal_failure(
     command: Mapping[str, Any], settings: Settings, reason: str, started: float | None = None
 ) -> Message:
     """`outcome.failed` with error_class `internal`, for an unexpected error."""
-    return _Outcomes(command, settings, time.monotonic() if started is None else started).failed(
+    return Outcomes(command, settings, time.monotonic() if started is None else started).failed(
         "internal", reason
     )
 
 
 async def send_one(command: Mapping[str, Any], pools: SmtpPools, settings: Settings) -> Message:
     """Send one command's email; return its outcome message."""
-    outcomes = _Outcomes(command, settings, time.monotonic())
+    outcomes = Outcomes(command, settings, time.monotonic())
     try:
         rendered = render_command(command)
     except TemplateError as exc:

@@ -33,11 +33,11 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from aiosmtplib.response import SMTPResponse
 from aiosmtplib.typing import Default
 
+from services.pipeline.accounts import load_accounts
 from services.pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ACCOUNT = "default"
 ErrorClass = Literal["connection", "timeout", "tls", "auth"]
 
 
@@ -71,20 +71,6 @@ class SmtpAccount:
     validate_certs: bool
     password: Callable[[], str] = field(repr=False, compare=False)
     local_hostname: str | None = None
-
-    @classmethod
-    def default_from_settings(cls, settings: Settings) -> SmtpAccount:
-        """The `default` account described by the MAILER_SMTP_* settings."""
-        return cls(
-            name=DEFAULT_ACCOUNT,
-            host=settings.smtp_host,
-            port=settings.smtp_port,
-            tls=settings.smtp_tls,
-            username=settings.smtp_username,
-            timeout=settings.smtp_timeout,
-            validate_certs=settings.smtp_validate_certs,
-            password=settings.smtp_secret,
-        )
 
 
 class PooledSMTP(aiosmtplib.SMTP):
@@ -297,9 +283,16 @@ class SmtpPools:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SmtpPools:
-        """Pools for the accounts the settings describe (for now only `default`)."""
-        account = SmtpAccount.default_from_settings(settings)
-        return cls({account.name: SmtpPool(account, settings.smtp_pool_size)})
+        """One pool per configured account (`load_accounts`)."""
+        pools = {}
+        for account in load_accounts(settings).by_name.values():
+            smtp = SmtpAccount(
+                name=account.name, host=account.host, port=account.port, tls=account.tls,
+                username=account.username, timeout=settings.smtp_timeout,
+                validate_certs=settings.smtp_validate_certs, password=account.password,
+            )
+            pools[account.name] = SmtpPool(smtp, settings.smtp_pool_size)
+        return cls(pools)
 
     def get(self, account: str) -> SmtpPool:
         """The pool of `account`; `UnknownAccount` when none is configured."""

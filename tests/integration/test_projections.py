@@ -7,7 +7,9 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
+from services.pipeline.accounts import load_accounts
 from services.pipeline.publish import campaign_messages, lifecycle_message
+from services.pipeline.settings import Settings
 from services.reconciler import projections, status_events
 from tests.support.campaigns import campaign, outcome, recipients
 
@@ -16,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 async def apply(url: str, *, commands: list[dict] = (), outcomes: list[dict] = ()) -> list:
     async with await psycopg.AsyncConnection.connect(url) as conn, conn.transaction():
-        changes, touched = await projections.apply_commands(conn, commands)
+        changes, touched = await projections.apply_commands(conn, commands, load_accounts(Settings()))
         touched |= await projections.apply_outcomes(conn, list(outcomes))
         changes += await projections.refresh_campaigns(conn, touched)
         await status_events.record(conn, changes, "status-topic")

@@ -16,6 +16,7 @@ import email.policy
 import logging
 import socket
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
@@ -26,11 +27,15 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from services.pipeline import contract
+from services.pipeline.accounts import load_accounts
+from services.pipeline.clock import SystemClock
 from services.pipeline.producer import AsyncProducer, DeliveryError
 from services.pipeline.settings import Settings
 from services.pipeline.topics import Topic, topic_name
 from services.sender import app as sender_app
 from services.sender.app import SenderRuntime, create_sender_app
+from services.sender.rate_limit import Limiter
+from services.sender.send_gate import SendGate
 from services.sender.send_step import send_one
 from services.sender.smtp_pool import SmtpPools
 from tests.support.campaigns import send_email
@@ -125,6 +130,12 @@ def make_settings(port: int, **overrides: Any) -> Settings:
         "smtp_pool_size": 2,
         "smtp_timeout": 5.0,
         "message_id_domain": "mail.test.example.com",
+        # the sending limits are tested elsewhere: none here, at any hour, own Redis keys
+        "redis_key_prefix": f"smtp-send-{uuid.uuid4().hex[:8]}",
+        "hourly_rate": 0,
+        "daily_limit_per_manager": 0,
+        "working_hours": "00:00-24:00",
+        "working_days": "1-7",
     }
     values.update(overrides)
     return replace(Settings(), **values)
@@ -382,9 +393,13 @@ class FakeProducer:
         pass
 
 
-def runtime(settings: Settings, producer: FakeProducer) -> SenderRuntime:
+async def runtime(settings: Settings, producer: FakeProducer) -> SenderRuntime:
+    """A sender runtime on the real SMTP server and Redis (limiter state initialised)."""
     pools = SmtpPools.from_settings(settings)
-    return SenderRuntime(settings, producer=cast(AsyncProducer, producer), pools=pools)
+    limiter = Limiter.from_settings(settings)
+    await limiter.init_epoch()
+    gate = SendGate(load_accounts(settings), limiter, SystemClock())
+    return SenderRuntime(settings, producer=cast(AsyncProducer, producer), pools=pools, gate=gate)
 
 
 async def test_runtime_produces_outcome_keyed_by_send_id(
@@ -393,7 +408,7 @@ async def test_runtime_produces_outcome_keyed_by_send_id(
     _, port = smtpd()
     settings = make_settings(port, topic_prefix="rt.")
     producer = FakeProducer(fail=1)  # the first delivery fails and is retried
-    rt = runtime(settings, producer)
+    rt = await runtime(settings, producer)
     cmd = command()
     try:
         outcome = await rt.handle(
@@ -415,7 +430,7 @@ async def test_runtime_dead_letters_invalid_commands(
     _, port = smtpd()
     settings = make_settings(port)
     producer = FakeProducer()
-    rt = runtime(settings, producer)
+    rt = await runtime(settings, producer)
     try:
         result = await rt.handle(
             topic="mailer.send-commands", partition=1, offset=42, key=b"k", value=b"not json"
@@ -441,7 +456,7 @@ async def test_runtime_turns_unexpected_errors_into_internal_failures(
     _, port = smtpd()
     settings = make_settings(port)
     producer = FakeProducer()
-    rt = runtime(settings, producer)
+    rt = await runtime(settings, producer)
     cmd = command("carol.secret@example.com")
 
     async def broken(command: dict[str, Any], pools: SmtpPools, settings: Settings) -> Any:

@@ -8,13 +8,18 @@ after a grace period. `logs()` returns what the services printed, for failures.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+from services.pipeline.kafka_admin import ensure_topics
 from services.pipeline.settings import Settings
+from services.reconciler.limiter_state import restore_limiter
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,3 +78,17 @@ class ServiceRunner:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextlib.contextmanager
+def run_services(settings: Settings, log_dir: Path) -> Iterator[ServiceRunner]:
+    """A ServiceRunner for `settings`, after what a deployment does first: create the
+    registry's topics (so producing early does not auto-create one) and restore the
+    limiter's Redis state (`mailer migrate`). Stops every service on exit."""
+    ensure_topics(settings)
+    asyncio.run(restore_limiter(settings))
+    runner = ServiceRunner(settings, log_dir)
+    try:
+        yield runner
+    finally:
+        runner.stop_all()

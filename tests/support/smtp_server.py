@@ -7,7 +7,9 @@ at RCPT TO, so it is never delivered.
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from email import message_from_bytes
@@ -27,6 +29,7 @@ class Received:
 
     recipients: list[str]
     message: Message
+    at: float = field(default_factory=time.time)  # wall time it was accepted
 
 
 @dataclass
@@ -34,6 +37,7 @@ class RecordingHandler:
     """aiosmtpd handler that records deliveries."""
 
     reject: set[str] = field(default_factory=set)
+    data_delay: float = 0.0  # seconds to wait before answering DATA (a slow server)
     received: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -45,6 +49,8 @@ class RecordingHandler:
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         with self.lock:
             self.received.append(
                 Received(list(envelope.rcpt_tos), message_from_bytes(envelope.content))

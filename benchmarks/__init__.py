@@ -1,0 +1,1 @@
+"""Benchmarks: measurements run by hand (`python -m benchmarks.<name>`), never by pytest."""

@@ -1,0 +1,206 @@
+"""Bringing parked sends back when they are due, by priority and fairly (R5, R9).
+
+Contract: `Releaser.release_due()` runs one pass, under a Postgres advisory
+lock so one reconciler releases at a time. For each account with due rows of
+sending campaigns it asks the limiter how many sends it could grant now and
+hands that capacity out: higher priority first; within a priority, campaigns
+take turns (least recently released first, then earlier queue time), so none
+starves. The chosen rows are republished to the send-commands topic (a fresh
+message_id, keyed by send_id), the broker's acks awaited, and only then marked
+released in the same transaction; a failure releases nothing. Due rows that
+get no capacity because a limit refuses are re-dated to that limit's retry
+time and reason, so the campaign's queue state says what it really waits for.
+Releases are not subtracted from the next pass's capacity: a send released
+beyond it is refused by the limiter and parked again, so the limits stay
+exact either way. Returns how many sends were released; never sleeps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from services.pipeline.accounts import Accounts
+from services.pipeline.clock import Clock
+from services.pipeline.contract import new_message_id
+from services.pipeline.producer import AsyncProducer
+from services.reconciler import status_events
+from services.reconciler.deferrals import refresh_queue_state
+from services.sender.rate_limit import Capacity, Limiter, LimitRequest
+from services.sender.send_gate import limit_request, parked_until, sending_windows
+
+log = logging.getLogger(__name__)
+
+_LOCK_KEY = 0x72656C73  # "rels"
+
+
+@dataclass
+class _Due:
+    """The due parked sends of one campaign on one account."""
+
+    campaign_id: str
+    account: str
+    priority: int
+    queued_at: datetime
+    count: int
+    manager_id: str
+    rate_per_hour: int
+    sample: dict[str, Any]  # one parked command, to build the limit request
+
+
+class Releaser:
+    """Releases due parked sends within the limiter's capacity."""
+
+    def __init__(
+        self, pool: AsyncConnectionPool, producer: AsyncProducer, limiter: Limiter,
+        accounts: Accounts, clock: Clock, send_topic: str, status_topic: str,
+        max_per_pass: int = 5000,
+    ) -> None:
+        self.pool = pool
+        self.producer = producer
+        self.limiter = limiter
+        self.accounts = accounts
+        self.clock = clock
+        self.send_topic = send_topic
+        self.status_topic = status_topic
+        self.max_per_pass = max_per_pass
+        self.last_released: dict[str, float] = {}
+
+    async def release_due(self) -> int:
+        """One pass: release what the limits allow; return how many sends were released."""
+        now = self.clock.now()
+        released = 0
+        touched: set[str] = set()
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            row = await cur.fetchone()
+            if row is None or not row[0]:
+                return 0
+            by_account: dict[str, list[_Due]] = defaultdict(list)
+            for due in await self._due(conn, now):
+                by_account[due.account].append(due)
+            for account, dues in by_account.items():
+                shares, blocked = await self._shares(account, dues)
+                for due, n in shares:
+                    released += await self._release(conn, due.campaign_id, n, now)
+                    touched.add(due.campaign_id)
+                    self.last_released[due.campaign_id] = self.clock.time()
+                for due, capacity in blocked:
+                    await self._redate(conn, due, capacity, now)
+                    touched.add(due.campaign_id)
+            changes = await refresh_queue_state(conn, touched)
+            await status_events.record(conn, changes, self.status_topic)
+        if released:
+            log.info("released %d parked sends of %d campaigns", released, len(touched))
+        return released
+
+    async def _due(self, conn: AsyncConnection, now: datetime) -> list[_Due]:
+        cur = await conn.execute(
+            """
+            SELECT p.campaign_id, p.account, max(p.priority), min(p.queued_at), count(*),
+                   coalesce(c.manager_id, ''), coalesce(c.rate_per_hour, 0),
+                   (array_agg(p.command))[1]
+            FROM parked_sends p LEFT JOIN campaigns c ON c.campaign_id = p.campaign_id
+            WHERE p.released_at IS NULL AND p.due_at <= %s
+              AND (c.status IS NULL OR c.status = 'sending')
+            GROUP BY p.campaign_id, p.account, c.manager_id, c.rate_per_hour
+            """,
+            (now,),
+        )
+        return [
+            _Due(r[0], r[1], r[2], r[3], r[4], r[5], r[6], orjson.loads(bytes(r[7])))
+            for r in await cur.fetchall()
+        ]
+
+    def _request(self, due: _Due, *, account_only: bool = False) -> LimitRequest | None:
+        account = self.accounts.get(due.account)
+        if account is None:
+            return None
+        request = limit_request(account, due.sample, self.clock.time())
+        if account_only:  # the limits every campaign of the account shares
+            return LimitRequest(**{**request.__dict__, "daily_limit": 0, "campaign_rate": 0,
+                                   "domain_group": None, "domain_rate": 0})
+        return LimitRequest(**{**request.__dict__, "domain_group": None, "domain_rate": 0})
+
+    async def _shares(
+        self, account: str, dues: list[_Due]
+    ) -> tuple[list[tuple[_Due, int]], list[tuple[_Due, Capacity]]]:
+        """How many sends each campaign may release now, and those a limit blocks."""
+        shared = self._request(dues[0], account_only=True)
+        if shared is None:  # unknown account: let the sender fail them with unknown_account
+            return [(d, d.count) for d in dues], []
+        pool_left = min(
+            (await self.limiter.capacity(shared)).available,
+            self.max_per_pass,
+        )
+        own: dict[str, int] = {}
+        blocked: list[tuple[_Due, Capacity]] = []
+        for due in dues:
+            request = self._request(due)
+            assert request is not None
+            capacity = await self.limiter.capacity(request)
+            if capacity.available <= 0:
+                blocked.append((due, capacity))
+            own[due.campaign_id] = min(capacity.available, due.count)
+        grants: dict[str, int] = defaultdict(int)
+        for priority in sorted({d.priority for d in dues}, reverse=True):
+            tier = sorted(
+                (d for d in dues if d.priority == priority and own[d.campaign_id] > 0),
+                key=lambda d: (self.last_released.get(d.campaign_id, 0.0), d.queued_at),
+            )
+            while pool_left > 0 and tier:
+                for due in list(tier):  # one each in turn
+                    if pool_left == 0:
+                        break
+                    grants[due.campaign_id] += 1
+                    pool_left -= 1
+                    if grants[due.campaign_id] >= own[due.campaign_id]:
+                        tier.remove(due)
+        return [(d, grants[d.campaign_id]) for d in dues if grants[d.campaign_id] > 0], blocked
+
+    async def _release(self, conn: AsyncConnection, campaign_id: str, n: int, now: datetime) -> int:
+        cur = await conn.execute(
+            """
+            SELECT send_id::text, command FROM parked_sends
+            WHERE campaign_id = %s AND released_at IS NULL AND due_at <= %s
+            ORDER BY due_at, parked_at LIMIT %s
+            FOR UPDATE SKIP LOCKED
+            """,
+            (campaign_id, now, n),
+        )
+        rows = await cur.fetchall()
+        if not rows:
+            return 0
+        messages = []
+        for sid, command in rows:
+            body = orjson.loads(bytes(command))
+            body["message_id"] = new_message_id()
+            messages.append((self.send_topic, sid, orjson.dumps(body)))
+        await self.producer.produce_all(messages)
+        await conn.execute(
+            "UPDATE parked_sends SET released_at = %s WHERE send_id = ANY(%s::uuid[])",
+            (now, [sid for sid, _ in rows]),
+        )
+        return len(rows)
+
+    async def _redate(self, conn: AsyncConnection, due: _Due, capacity: Capacity,
+                      now: datetime) -> None:
+        """Due rows a limit refuses wait for that limit's retry time (moved into the
+        working hours), under its reason."""
+        account = self.accounts.get(due.account)
+        if capacity.reason is None or capacity.retry_at is None or account is None:
+            return
+        wait = parked_until(capacity.reason, datetime.fromtimestamp(capacity.retry_at, UTC),
+                            sending_windows(account, due.sample))
+        await conn.execute(
+            "UPDATE parked_sends SET reason = %s, due_at = %s"
+            " WHERE campaign_id = %s AND released_at IS NULL AND due_at <= %s",
+            (wait.reason.value, wait.until, due.campaign_id, now),
+        )

@@ -1,0 +1,74 @@
+"""Turning a send that must wait into an `outcome.deferred` that carries it back.
+
+Contract: `parked_outcome()` is the outcome of a send the gate refused: it
+names the reason (closed set), `deferred_until` and embeds the command, so the
+reconciler can park it in Postgres and release it when due. `retry_later()`
+decides what a 4xx reply leads to: while attempts remain, an
+`outcome.deferred` (reason `transient_error`) whose embedded command is the
+next attempt, due after exponential backoff with jitter, or after the delay
+the reply names; once they are used up, None (the 4xx outcome stands).
+Times are clock times; nothing here sleeps.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from services.pipeline.contract import Message, iso
+from services.pipeline.defer_reasons import DeferReason
+from services.pipeline.settings import Settings
+from services.sender.send_step import Outcomes
+from services.sender.smtp_replies import retry_after
+
+#: Longest backoff between two attempts after a 4xx reply (clock seconds).
+MAX_BACKOFF = 6 * 3600.0
+
+
+def parked_outcome(
+    command: Mapping[str, Any], settings: Settings, reason: DeferReason, until: datetime, started: float
+) -> Message:
+    """`outcome.deferred` for a send the limits or working hours turned away."""
+    return Outcomes(command, settings, started).build(
+        "deferred",
+        reason=f"{reason.value} until {iso(until)}",
+        defer_reason=reason.value,
+        deferred_until=iso(until),
+        command=dict(command),
+    )
+
+
+def retry_later(
+    command: Mapping[str, Any],
+    failed: Message,
+    settings: Settings,
+    now: datetime,
+    started: float,
+    rng: random.Random | None = None,
+) -> Message | None:
+    """The deferred outcome retrying a 4xx-failed send, or None when attempts are used up."""
+    attempt = int(command["attempt"])
+    if attempt >= settings.transient_max_attempts:
+        return None
+    asked = retry_after(failed.get("smtp_reply") or "")
+    if asked is None:
+        base = settings.transient_retry_seconds * 2 ** (attempt - 1)
+        delay = min(MAX_BACKOFF, base) * (rng or random).uniform(0.8, 1.2)
+    else:
+        delay = asked
+    until = now + timedelta(seconds=delay)
+    retry = dict(command)
+    retry["attempt"] = attempt + 1
+    retry.setdefault("first_attempt_at", iso(now))
+    return Outcomes(command, settings, started).build(
+        "deferred",
+        code=failed.get("smtp_code"),
+        reply=failed.get("smtp_reply") or "",
+        error_class="transient",
+        reason=f"attempt {attempt} got {failed.get('smtp_code')}; retry {attempt + 1} at {iso(until)}",
+        defer_reason=DeferReason.TRANSIENT_ERROR.value,
+        deferred_until=iso(until),
+        command=retry,
+    )
