@@ -185,12 +185,13 @@ def _account(name: str, spec: Any, settings: Settings) -> Account:
     where = f"accounts file: account {name!r}"
     if not isinstance(spec, dict):
         raise AccountsError(f"{where}: expected an object")
+    if "password" in spec:
+        raise AccountsError(f"{where}: put the password in password_env or password_file")
     known = {"host", "port", "tls", "username", "password_env", "password_file", "hourly_rate",
              "daily_limit_per_manager", "working_hours", "quota", "domain_throttles", "warmup"}
     if unknown := sorted(set(spec) - known):
         raise AccountsError(f"{where}: unknown field(s) {', '.join(unknown)}")
-    if "password" in spec:
-        raise AccountsError(f"{where}: put the password in password_env or password_file")
+
     tls = _get(spec, "tls", str, "none", where)
     if tls not in ("none", "starttls", "tls"):
         raise AccountsError(f"{where}: tls must be none, starttls or tls")
@@ -207,13 +208,14 @@ def _account(name: str, spec: Any, settings: Settings) -> Account:
             name, q["url"],
             secret_reader(f"{where} quota api key", env=str(q.get("api_key_env", "")),
                           path=str(q.get("api_key_file", ""))),
-            float(q.get("interval", settings.quota_sync_interval)),
+            _number(q, "interval", float, settings.quota_sync_interval, f"{where}: quota.interval"),
         )
     throttles = []
     for group, t in _get(spec, "domain_throttles", dict, {}, where).items():
         domains = t.get("domains") if isinstance(t, dict) else None
         per_hour = t.get("per_hour") if isinstance(t, dict) else None
-        if not isinstance(domains, list) or not domains or not isinstance(per_hour, int) or per_hour < 1:
+        if (not isinstance(domains, list) or not domains or not all(isinstance(d, str) for d in domains)
+                or not isinstance(per_hour, int) or per_hour < 1):
             raise AccountsError(
                 f"{where}: domain_throttles.{group} needs domains (a list) and per_hour (>= 1)"
             )
@@ -224,8 +226,10 @@ def _account(name: str, spec: Any, settings: Settings) -> Account:
         if not isinstance(caps, list) or not caps or not all(isinstance(c, int) and c > 0 for c in caps):
             raise AccountsError(f"{where}: warmup.daily_caps must be a list of positive integers")
         warmup = WarmupPlan(
-            tuple(caps), float(w.get("max_bounce_ratio", 0.05)),
-            float(w.get("max_deferral_ratio", 0.10)), int(w.get("min_daily_volume", 1)),
+            tuple(caps),
+            _number(w, "max_bounce_ratio", float, 0.05, f"{where}: warmup.max_bounce_ratio"),
+            _number(w, "max_deferral_ratio", float, 0.10, f"{where}: warmup.max_deferral_ratio"),
+            int(_number(w, "min_daily_volume", int, 1, f"{where}: warmup.min_daily_volume")),
         )
     hourly = _get(spec, "hourly_rate", int, settings.hourly_rate, where)
     daily = _get(spec, "daily_limit_per_manager", int, settings.daily_limit_per_manager, where)
@@ -242,6 +246,15 @@ def _account(name: str, spec: Any, settings: Settings) -> Account:
         hourly_rate=hourly, daily_limit_per_manager=daily, working_hours=hours, quota=quota,
         domain_throttles=tuple(throttles), warmup=warmup,
     )
+
+
+def _number(spec: Mapping[str, Any], key: str, kind: type, default: float, what: str) -> float:
+    """A non-negative number field (`kind` int or float); AccountsError naming `what` otherwise."""
+    value = spec.get(key, default)
+    allowed = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, allowed) or value < 0:
+        raise AccountsError(f"{what} must be a non-negative {kind.__name__}")
+    return float(value)
 
 
 def _get(spec: Mapping[str, Any], key: str, kind: type, default: Any, where: str) -> Any:

@@ -14,6 +14,7 @@ import asyncio
 import sys
 from collections.abc import Callable, Sequence
 
+from services.pipeline.accounts import AccountsError, load_accounts
 from services.pipeline.settings import Settings, SettingsError, markdown_table
 
 
@@ -147,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
-    except SettingsError as exc:
+        load_accounts(settings)  # a bad accounts file stops every command here, with its reason
+    except (SettingsError, AccountsError) as exc:
         print(f"mailer: configuration error: {exc}", file=sys.stderr)
         return 2
     handler: Handler = args.handler

@@ -90,7 +90,7 @@ class FileClock:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._stamp: int | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._checked = 0.0
         self._clock = self._load()
 
@@ -103,7 +103,7 @@ class FileClock:
             clock = CompressedClock(start, float(spec["anchor"]), float(spec.get("speed", 1.0)))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise SettingsError(f"MAILER_CLOCK_FILE cannot be used: {exc}") from None
-        self._stamp = stat.st_mtime_ns
+        self._stamp = (stat.st_mtime_ns, stat.st_ino, stat.st_size)
         return clock
 
     def _current(self) -> CompressedClock:
@@ -111,7 +111,8 @@ class FileClock:
         if wall - self._checked >= self.CHECK_EVERY:
             self._checked = wall
             try:
-                if os.stat(self.path).st_mtime_ns != self._stamp:
+                stat = os.stat(self.path)
+                if (stat.st_mtime_ns, stat.st_ino, stat.st_size) != self._stamp:
                     self._clock = self._load()
             except (OSError, SettingsError):
                 pass  # keep the last good clock while the file is being replaced

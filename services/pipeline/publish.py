@@ -24,15 +24,17 @@ from typing import Any
 
 import orjson
 
-from services.pipeline.contract import InvalidMessage, Message, encode, envelope, validate
+from services.pipeline.contract import InvalidMessage, Message, encode, envelope, load_schema, validate
 from services.pipeline.kafka_admin import ensure_topics
 from services.pipeline.producer import AsyncProducer
 from services.pipeline.settings import Settings
 from services.pipeline.topics import Topic, topic_name
 
-START_FIELDS = (
-    "campaign_id", "manager_id", "name", "priority", "account", "from", "reply_to",
-    "template", "variables", "unsubscribe_url", "actor_id",
+#: What a campaign definition may hold: the start message's fields, less the envelope and totals.
+START_FIELDS = tuple(
+    name for name in load_schema("campaign.start")["properties"]
+    if name not in ("kind", "schema_version", "message_id", "occurred_at", "total_recipients",
+                    "total_chunks")
 )
 
 

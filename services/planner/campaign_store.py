@@ -19,6 +19,7 @@ from services.pipeline.contract import Message
 DEFINITION_FIELDS = (
     "campaign_id", "manager_id", "account", "priority", "from", "reply_to",
     "template", "variables", "unsubscribe_url", "total_recipients", "total_chunks",
+    "occurred_at", "rate_per_hour", "working_hours",  # queue time and the campaign's own limits
 )
 
 

@@ -107,17 +107,19 @@ async def refresh_queue_state(
         )
         if new_reason == old_reason:
             continue  # the same deferral re-evaluated: a later `until`, nothing to announce
-        change = _change(campaign_id, old_reason, new_reason, new_until)
+        change = _change(campaign_id, status, old_reason, new_reason, new_until)
         if new_reason and not await _first_notice(conn, campaign_id, new_reason, new_until):
             change = replace(change, announce=False)
         changes.append(change)
     return changes
 
 
-def _change(campaign_id: str, old: str, new: str, until: datetime | None) -> StatusChange:
-    if not new:
+def _change(
+    campaign_id: str, status: str, old: str, new: str, until: datetime | None
+) -> StatusChange:
+    if not new:  # the campaign sends again, or was paused, cancelled or completed meanwhile
         return StatusChange(
-            campaign_id=campaign_id, before="deferred", after="sending", actor="system",
+            campaign_id=campaign_id, before="deferred", after=status, actor="system",
             action="deferral_over", reason=f"{old} deferral over", announce=False,
         )
     reason = DeferReason(new)

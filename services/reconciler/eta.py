@@ -5,24 +5,46 @@ returns an `Eta`: `finish_at`, the instant the last remaining recipient is
 sent, or `None` with `blocked_by` naming why the campaign cannot finish
 (`QUOTA_EXHAUSTED` when the quota is smaller than what remains,
 `OUTSIDE_HOURS` when the windows are never open together, or the binding
-limit when it would take longer than `HORIZON`).
+limit, `DAILY_LIMIT`, `CAMPAIGN_RATE` or `RATE_PER_HOUR`, when it would take
+longer than `HORIZON`). `deadline_warning` says whether an ETA misses a deadline.
 
-The model: sends go out evenly at the effective hourly rate (the smallest
-non-zero of the account rate, the campaign rate and the measured throughput;
-none means no rate limit), only while every window is open, at most
-`daily_limit` per local day of `time_zone` (`sent_today` already used today),
-never before `not_before`. The account's `sent_last_hour` occupy its sliding
-window, so the first hour after `now` holds only `hourly_rate -
-sent_last_hour` sends. The simulation steps per local day and open segment,
-and skips whole weeks that repeat the last one (no DST change in any zone), so
-it takes about a millisecond for any size. `deadline_warning` says whether an
-ETA misses a deadline.
+The model: the rate limiter is an exact sliding 60-minute window (a send at
+`t` frees its token at `t + 1h`) and the senders are fast, so sends go out in
+BURSTS, not evenly: 250 recipients at 100/h from an empty window at 09:00 go
+out as 100 at 09:00, 100 at 10:00 and 50 at 11:00, finishing at 11:00.
+
+- The rate is the smallest non-zero of `hourly_rate` and `campaign_rate`;
+  neither means no rate limit (one block of unlimited tokens: everything goes
+  at the first instant all windows are open, still split by the daily limit).
+- Tokens live in blocks `(free_at, count)`. At the start there are
+  `rate - sent_last_hour` tokens free at `max(now, not_before)` and
+  `sent_last_hour` (at most `rate`) free at `now + 1h`: the last hour's sends
+  are assumed to leave the window all at `now + 1h` (conservative, their exact
+  times are unknown), never before `not_before`.
+- Repeatedly the earliest block is taken. Its send instant `s` is the first
+  instant `>= free_at` when every window is open and the manager's daily
+  budget of that local day of `time_zone` is left (`daily_limit`, with
+  `sent_today` already spent today). `k = min(count, left, budget)` go out at
+  `s` as one burst and their `k` tokens come back as a block at `s + 1h`;
+  tokens the daily limit could not use wait for the next local day.
+- With a measured `throughput_per_hour` the sender is a single serial
+  resource: a burst of `k` takes `k / throughput` hours (its last send is at
+  `s + k / throughput h`), the next burst starts when it is done, and a burst
+  stops where the windows close (only sends that complete by then go; the rest
+  wait for the next opening).
+- The finish is the instant of the last send, rounded to the second.
+
+Blocks freeing at the same instant are merged, so a campaign takes about one
+step per burst; and once the state at a local midnight (blocks and sender
+relative to it) equals the state a week before and no zone changes its clock,
+the following weeks repeat it and are skipped whole. Any estimate takes a few
+milliseconds at most.
 """
 
 from __future__ import annotations
 
-import math
-from collections import deque
+import heapq
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,12 +52,34 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from services.pipeline.defer_reasons import DeferReason
-from services.pipeline.working_hours import SEARCH_DAYS, WorkingHours, local_day, open_intervals_all, zone
+from services.pipeline.working_hours import (
+    MINUTES_PER_DAY,
+    SEARCH_DAYS,
+    WorkingHours,
+    local_instant,
+    open_intervals_all,
+    zone,
+)
 
 HORIZON = timedelta(days=366)  # beyond this a campaign counts as unable to finish
-_EPSILON = 1e-6  # sends; fractions below this are float noise
-_HOUR = 3600.0
-_WEEK = timedelta(days=7)
+
+# The simulation counts time in integer microseconds since the epoch (exact arithmetic).
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+_SECOND = 1_000_000
+_HOUR = 3600 * _SECOND
+_WEEK = 7 * 24 * _HOUR
+_SEARCH = SEARCH_DAYS * 24 * _HOUR
+_NEVER = 1 << 62  # the end of an open stretch that never ends (no windows)
+_UNLIMITED = 1 << 62  # the tokens of a block when there is no rate limit
+
+
+def _us(at: datetime) -> int:
+    return (at - _EPOCH) // _US
+
+
+def _at(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
 
 
 @dataclass(frozen=True)
@@ -53,7 +97,7 @@ class EtaInputs:
     windows: Sequence[WorkingHours] = ()  # all must be open to send
     time_zone: str = "Europe/Moscow"  # for daily boundaries
     not_before: datetime | None = None  # the campaign is deferred until then
-    throughput_per_hour: float = 0.0  # measured sender speed cap; 0 = unknown (ignore)
+    throughput_per_hour: float = 0.0  # measured sender speed; 0 = unknown (bursts are instant)
 
     def __post_init__(self) -> None:
         for name in ("now", "not_before"):
@@ -82,10 +126,10 @@ class Eta:
                 "blocked_by": None if self.blocked_by is None else self.blocked_by.value}
 
 
-def _effective_rate(inputs: EtaInputs) -> float:
-    limits = (inputs.hourly_rate, inputs.campaign_rate, inputs.throughput_per_hour)
-    rates = [float(r) for r in limits if r > 0]
-    return min(rates) if rates else math.inf
+def _rate(inputs: EtaInputs) -> int:
+    """The binding per-hour rate: the smallest non-zero limit, 0 when there is none."""
+    rates = [r for r in (inputs.hourly_rate, inputs.campaign_rate) if r > 0]
+    return min(rates) if rates else 0
 
 
 def _binding_limit(inputs: EtaInputs, hit_daily: bool) -> DeferReason:
@@ -97,100 +141,215 @@ def _binding_limit(inputs: EtaInputs, hit_daily: bool) -> DeferReason:
     return DeferReason.RATE_PER_HOUR
 
 
-def _whole_second(at: datetime) -> datetime:
-    """`at` rounded to the nearest second (the model is no finer; this drops float noise)."""
-    return (at + timedelta(microseconds=500_000)).replace(microsecond=0)
+class _OpenTimes:
+    """When every window is open: merged `[start, end)` stretches, computed a week at a time."""
+
+    def __init__(self, windows: Sequence[WorkingHours], origin: int) -> None:
+        self._windows = tuple(windows)
+        self.restart(origin)
+
+    def restart(self, origin: int) -> None:
+        """Forget what was computed; no question will be asked about instants before `origin`."""
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self._until = origin
+
+    def _extend(self) -> None:
+        start, end = self._until, self._until + _WEEK
+        for low, high in open_intervals_all(self._windows, _at(start), _at(end)):
+            a, b = _us(low), _us(high)
+            if self._ends and self._ends[-1] == a:  # one stretch across a week's edge or two windows
+                self._ends[-1] = b
+            else:
+                self._starts.append(a)
+                self._ends.append(b)
+        self._until = end
+
+    def next(self, at: int) -> tuple[int, int] | None:
+        """The first instant `>= at` when all windows are open and when that open stretch ends.
+
+        None when they do not open within `SEARCH_DAYS` days.
+        """
+        if not self._windows:
+            return at, _NEVER
+        while True:
+            i = bisect_right(self._ends, at)
+            if i < len(self._ends):
+                end = self._ends[i]
+                if end < self._until or end - at > _SEARCH:  # the stretch's real end (or far enough)
+                    return max(self._starts[i], at), end
+            elif self._until - at > _SEARCH:
+                return None
+            self._extend()
 
 
-class _Sender:
-    """The simulation's state: what is left to send and what the first hour still allows."""
+class _Days:
+    """The local calendar day of an instant in one zone: (ordinal, start, end), cached."""
 
-    def __init__(self, left: float, rate: float, first_hour_end: datetime, first_budget: float) -> None:
-        self.left = left
-        self.rate = rate
-        self.first_hour_end = first_hour_end
-        self.first_budget = first_budget
+    def __init__(self, tz: ZoneInfo) -> None:
+        self._tz = tz
+        self._day = (0, 0, 0)
 
-    def send(self, start: datetime, end: datetime, allowed: float) -> tuple[float, datetime | None]:
-        """Send during `[start, end)`, at most `allowed`; (sent, finish instant if the last one went)."""
-        if start < self.first_hour_end < end:
-            sent, finish = self.send(start, self.first_hour_end, allowed)
-            if finish is not None:
-                return sent, finish
-            more, finish = self.send(self.first_hour_end, end, allowed - sent)
-            return sent + more, finish
-        in_first_hour = start < self.first_hour_end
-        if in_first_hour:
-            allowed = min(allowed, self.first_budget)
-        by_time = self.rate * (end - start).total_seconds() / _HOUR
-        if self.left <= allowed + _EPSILON and self.left <= by_time + _EPSILON:
-            sent, finish = self.left, start + timedelta(seconds=_HOUR * self.left / self.rate)
+    def of(self, at: int) -> tuple[int, int, int]:
+        ordinal, start, end = self._day
+        if not start <= at < end:
+            day = _at(at).astimezone(self._tz).date()
+            ordinal = day.toordinal()
+            start = _us(local_instant(day, 0, self._tz))
+            end = _us(local_instant(day, MINUTES_PER_DAY, self._tz))
+            self._day = (ordinal, start, end)
+        return ordinal, start, end
+
+
+class _Blocks:
+    """Free tokens as blocks `free_at -> count`; blocks freeing at the same instant merge."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self._heap: list[int] = []
+
+    def add(self, at: int, count: int) -> None:
+        if count <= 0:
+            return
+        if at in self.counts:
+            self.counts[at] += count
         else:
-            sent, finish = max(0.0, min(allowed, by_time)), None
-        self.left -= sent
-        if in_first_hour:
-            self.first_budget -= sent
-        return sent, finish
+            self.counts[at] = count
+            heapq.heappush(self._heap, at)
+
+    def pop(self) -> tuple[int, int]:
+        at = heapq.heappop(self._heap)
+        return at, self.counts.pop(at)
+
+    def __bool__(self) -> bool:
+        return bool(self._heap)
+
+    def relative_to(self, origin: int) -> tuple[tuple[int, int], ...]:
+        """The blocks with times relative to `origin`, those freed earlier counted as freed at it."""
+        merged: dict[int, int] = {}
+        for at, count in self.counts.items():
+            key = max(at, origin) - origin
+            merged[key] = merged.get(key, 0) + count
+        return tuple(sorted(merged.items()))
+
+    def reset(self, blocks: tuple[tuple[int, int], ...], origin: int) -> None:
+        self.counts = {origin + at: count for at, count in blocks}
+        self._heap = sorted(self.counts)
 
 
-def _steady(zones: Sequence[ZoneInfo], instants: Sequence[datetime]) -> bool:
-    """Whether every zone has the same UTC offset at all `instants` (no DST change between them)."""
-    return all(len({at.astimezone(z).utcoffset() for at in instants}) == 1 for z in zones)
+def _steady(zones: Sequence[ZoneInfo], a: int, b: int) -> bool:
+    """Whether every zone has the same UTC offset at the instants `a` and `b`."""
+    at_a, at_b = _at(a), _at(b)
+    return all(at_a.astimezone(z).utcoffset() == at_b.astimezone(z).utcoffset() for z in zones)
 
 
 def estimate(inputs: EtaInputs) -> Eta:
-    """Simulate the remaining sends forward and say when the last one goes out."""
+    """Simulate the remaining sends burst by burst and say when the last one goes out."""
     now = inputs.now.astimezone(UTC)
     if inputs.remaining <= 0:
         return Eta(now, None)
     if inputs.quota is not None and inputs.quota < inputs.remaining:
         return Eta(None, DeferReason.QUOTA_EXHAUSTED)
 
-    # The account's sliding window still holds `sent_last_hour` during the first hour.
-    first_budget = (max(0.0, float(inputs.hourly_rate - inputs.sent_last_hour))
-                    if inputs.hourly_rate > 0 else math.inf)
-    first_hour_end = now + timedelta(hours=1)
-    sender = _Sender(float(inputs.remaining), _effective_rate(inputs), first_hour_end, first_budget)
-    daily = float(inputs.daily_limit) if inputs.daily_limit > 0 else math.inf
-    today, _ = local_day(now, inputs.time_zone)
-    zones = [zone(inputs.time_zone), *(w.tz for w in inputs.windows)]
-    horizon = now + HORIZON
-    hit_daily = False
-    week: deque[tuple[datetime, float]] = deque(maxlen=7)  # (local midnight, sent that day)
+    now_us = _us(now)
+    start = now_us if inputs.not_before is None else max(now_us, _us(inputs.not_before))
+    horizon = now_us + HORIZON // _US
+    left = inputs.remaining
+    rate = _rate(inputs)
+    throughput = float(inputs.throughput_per_hour)
+    daily = inputs.daily_limit
+    tz = zone(inputs.time_zone)
+    zones = [tz, *(w.tz for w in inputs.windows)]
+    open_times = _OpenTimes(inputs.windows, start)
+    days = _Days(tz)
+    today = days.of(now_us)[0]
+    used: dict[int, int] = {today: inputs.sent_today} if daily else {}  # sends per local day
 
-    t = now if inputs.not_before is None else max(now, inputs.not_before.astimezone(UTC))
-    last_open = t
-    whole_day = False  # the first day is partial
-    while t < horizon:
-        day, day_end = local_day(t, inputs.time_zone)
-        day_left = max(0.0, daily - inputs.sent_today) if day == today else daily
-        segments = open_intervals_all(inputs.windows, t, day_end)
-        if segments:
-            last_open = t
-        elif day_end - last_open > timedelta(days=SEARCH_DAYS):
+    blocks = _Blocks()
+
+    def free(at: int, count: int) -> bool:
+        """Add a block, moved to the next instant all windows are open; False if they never are."""
+        opened = open_times.next(at)
+        if opened is None:
+            return False
+        blocks.add(opened[0], count)
+        return True
+
+    if rate > 0:
+        in_window = min(inputs.sent_last_hour, rate)
+        if not (free(start, rate - in_window) and free(max(now_us + _HOUR, start), in_window)):
             return Eta(None, DeferReason.OUTSIDE_HOURS)
-        sent_on_day = 0.0
-        for start, end in segments:
-            if day_left <= _EPSILON:
-                break
-            sent, finish = sender.send(start, end, day_left)
-            if finish is not None:
-                return Eta(_whole_second(finish), None)
-            day_left -= sent
-            sent_on_day += sent
-        hit_daily = hit_daily or day_left <= _EPSILON
-        if whole_day and t >= first_hour_end:
-            week.append((t, sent_on_day))  # free of the first day's and first hour's special cases
-        t, whole_day = day_end, True
-        # Once a whole week has been simulated and no clock changes, the next week repeats it.
-        if len(week) == 7 and week[0][0] == t - _WEEK and _steady(zones, (t - _WEEK, t)):
-            per_week = sum(sent for _, sent in week)
-            while (per_week > _EPSILON and sender.left > per_week + _EPSILON and t + _WEEK < horizon
-                   and _steady(zones, (t, t + _WEEK))):
-                sender.left -= per_week
-                t += _WEEK
-                last_open = t
-            week.clear()
+    elif not free(start, _UNLIMITED):  # no rate limit: tokens without end, never coming back
+        return Eta(None, DeferReason.OUTSIDE_HOURS)
+
+    hit_daily = False
+    busy = start  # the sender is done with its previous burst (with a throughput)
+    current_day = -1
+    snapshots: dict[int, tuple[Any, int]] = {}  # local midnight -> (state relative to it, left)
+    while blocks:
+        t, count = blocks.pop()
+        opened = open_times.next(max(t, busy))
+        if opened is None:
+            return Eta(None, DeferReason.OUTSIDE_HOURS)
+        s, stretch_end = opened
+        if s >= horizon:
+            break
+        ordinal, day_start, day_end = days.of(s)
+
+        if ordinal != current_day:
+            current_day = ordinal
+            if ordinal != today and day_start >= start:
+                # The first burst of a new local day: remember the state at its midnight, and
+                # when it equals the state a week earlier, the weeks to come repeat that week.
+                blocks.add(t, count)
+                state = (blocks.relative_to(day_start), max(busy, day_start) - day_start)
+                before = snapshots.get(day_start - _WEEK)
+                weeks = per_week = 0
+                if before is not None and before[0] == state and _steady(zones, day_start - _WEEK, day_start):
+                    per_week = before[1] - left
+                    at = day_start
+                    while (left > (weeks + 1) * per_week and at + _WEEK < horizon
+                           and _steady(zones, at, at + _WEEK)):
+                        weeks += 1
+                        at += _WEEK
+                if weeks:
+                    left -= weeks * per_week
+                    origin = day_start + weeks * _WEEK
+                    blocks.reset(state[0], origin)
+                    busy = origin + state[1]
+                    open_times.restart(origin)
+                    snapshots.clear()
+                    current_day = -1
+                else:
+                    snapshots = {d: v for d, v in snapshots.items() if d > day_start - _WEEK - _HOUR * 24}
+                    snapshots[day_start] = (state, left)
+                continue  # take the earliest block again
+
+        budget = daily - used.get(ordinal, 0) if daily else left
+        cap = count
+        if throughput > 0 and stretch_end != _NEVER:  # only sends done before the windows close
+            cap = int((stretch_end - s) * throughput / _HOUR + 1e-9)
+        k = max(0, min(count, left, budget, cap))
+        if k > 0:
+            left -= k
+            if daily:
+                used[ordinal] = used.get(ordinal, 0) + k
+                hit_daily = hit_daily or used[ordinal] >= daily
+            last = s + (round(k * _HOUR / throughput) if throughput > 0 else 0)
+            if left == 0:
+                return Eta(_at((last + _SECOND // 2) // _SECOND * _SECOND), None)
+            busy = last
+            if rate > 0 and not free(s + _HOUR, k):
+                return Eta(None, DeferReason.OUTSIDE_HOURS)
+        if k < count:  # the rest waits for the next local day and/or the next opening
+            later = s
+            if k >= budget:
+                hit_daily = True
+                later = max(later, day_end)
+            if k >= cap:
+                later = max(later, stretch_end)
+            if not free(later, count - k if rate > 0 else _UNLIMITED):
+                return Eta(None, DeferReason.OUTSIDE_HOURS)
     return Eta(None, _binding_limit(inputs, hit_daily))
 
 

@@ -3,7 +3,7 @@
 Contract: `QuotaSync.sync_once(source)` GETs `source.url` (header
 `Authorization: <api key>` when the key is not empty, no redirects, 10 s
 timeout), parses the smtp.bz-style JSON with `parse_quota`, then in one Redis
-transaction SETs `keys.quota(account)` to `emails_available` and replaces the
+script merges `emails_available` into `keys.quota(account)` and replaces the
 hash `keys.quota_info(account)` with every known field plus `synced_at` (clock
 time, ISO 8601) and `source_url` (the URL without credentials, query or
 fragment). A failed poll (HTTP error, timeout, no JSON, no quota in it)
@@ -15,12 +15,12 @@ again at the next interval. Log lines and error messages never hold
 the API key nor the URL's userinfo or query.
 
 The race: the provider's `emails_available` lags our own sends (it counts what
-it has accepted, we may have sends in flight), and the limiter decrements the
-Redis value between syncs. A sync overwrites the value with the provider's
-number all the same: the provider enforces its quota anyway, so the worst case
-is a few sends it refuses with 4xx, which are retried. A top-up shows in Redis
-at the next poll and sends resume without any restart; a quota of 0 makes the
-limiter defer with `quota_exhausted`.
+it has accepted; we may have sends in flight, already taken off the Redis
+value by the limiter). So a sync never raises our value except by a top-up:
+our value becomes min(ours + growth of theirs since the last sync, theirs).
+A lower figure from the provider always wins (it saw sends we did not count).
+A top-up shows in Redis at the next poll and sends resume without any
+restart; a quota of 0 makes the limiter defer with `quota_exhausted`.
 """
 
 from __future__ import annotations
@@ -66,6 +66,26 @@ FIELD_NAMES: Mapping[str, tuple[str, ...]] = {
     "daily_sent": ("daily_sent", "dsent"),
 }
 _WRAPPERS = ("data", "user", "result")
+
+
+#: Merge the provider's figure into ours, atomically: the provider has not yet counted the
+#: sends in flight, so its figure never raises ours except by a top-up, the amount it grew
+#: by since the last sync: new = min(ours + max(0, theirs - their_last), theirs).
+#: KEYS: quota, quota_info. ARGV: theirs, then the info hash's field/value pairs.
+#: Returns our previous figure (nil when there was none).
+_MERGE = """
+local ours = tonumber(redis.call('GET', KEYS[1]))
+local last = tonumber(redis.call('HGET', KEYS[2], 'emails_available'))
+local theirs = tonumber(ARGV[1])
+local value = theirs
+if ours and last then
+    value = math.min(ours + math.max(0, theirs - last), theirs)
+end
+redis.call('SET', KEYS[1], value)
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], unpack(ARGV, 2))
+return ours
+"""
 
 
 class QuotaError(Exception):
@@ -269,11 +289,9 @@ class QuotaSync:
         info["synced_at"] = self.clock.now().isoformat()
         info["source_url"] = public_url(source.url)
         key, info_key = self.keys.quota(source.account), self.keys.quota_info(source.account)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(key, quota.emails_available, get=True)
-            pipe.delete(info_key)
-            pipe.hset(info_key, mapping=info)
-            previous, *_ = await pipe.execute()
+        previous = await self.redis.eval(
+            _MERGE, 2, key, info_key, quota.emails_available, *(x for kv in info.items() for x in kv)
+        )
         before = _integer(previous.decode() if isinstance(previous, bytes) else previous)
         if quota.emails_available > 0 and before == 0:
             log.info("quota of account %s topped up: %d emails available", source.account,

@@ -4,14 +4,16 @@ Contract: `Releaser.release_due()` runs one pass, under a Postgres advisory
 lock so one reconciler releases at a time. For each account with due rows of
 sending campaigns it asks the limiter how many sends it could grant now and
 hands that capacity out: higher priority first; within a priority, campaigns
-take turns (least recently released first, then earlier queue time), so none
-starves. The chosen rows are republished to the send-commands topic (a fresh
+share: each send goes to the campaign that has been served least since it
+began competing (a newcomer starts level with the least served; ties go to the
+earlier queue time), so none starves. The chosen rows are republished to the send-commands topic (a fresh
 message_id, keyed by send_id), the broker's acks awaited, and only then marked
 released in the same transaction; a failure releases nothing. Due rows that
 get no capacity because a limit refuses are re-dated to that limit's retry
 time and reason, so the campaign's queue state says what it really waits for.
-Releases are not subtracted from the next pass's capacity: a send released
-beyond it is refused by the limiter and parked again, so the limits stay
+Sends released lately whose outcome has not come back are taken off the
+capacity (the limiter may not have counted them yet); a send released beyond
+it anyway is refused by the limiter and parked again, so the limits stay
 exact either way. Returns how many sends were released; never sleeps.
 """
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -39,6 +41,8 @@ from services.sender.send_gate import limit_request, parked_until, sending_windo
 log = logging.getLogger(__name__)
 
 _LOCK_KEY = 0x72656C73  # "rels"
+#: How far back (clock time) a released send without an outcome counts as in flight.
+IN_FLIGHT_HORIZON = timedelta(minutes=10)
 
 
 @dataclass
@@ -71,7 +75,8 @@ class Releaser:
         self.send_topic = send_topic
         self.status_topic = status_topic
         self.max_per_pass = max_per_pass
-        self.last_released: dict[str, float] = {}
+        # sends released per campaign while it competed (virtual time of the fair share)
+        self.served: dict[str, int] = {}
 
     async def release_due(self) -> int:
         """One pass: release what the limits allow; return how many sends were released."""
@@ -84,14 +89,17 @@ class Releaser:
             if row is None or not row[0]:
                 return 0
             by_account: dict[str, list[_Due]] = defaultdict(list)
-            for due in await self._due(conn, now):
+            dues = await self._due(conn, now)
+            for due in dues:
                 by_account[due.account].append(due)
+            competing = {d.campaign_id for d in dues}  # who stops competing is forgotten
+            self.served = {c: n for c, n in self.served.items() if c in competing}
             for account, dues in by_account.items():
-                shares, blocked = await self._shares(account, dues)
+                in_flight = await self._in_flight(conn, account, now)
+                shares, blocked = await self._shares(account, dues, in_flight)
                 for due, n in shares:
                     released += await self._release(conn, due.campaign_id, n, now)
                     touched.add(due.campaign_id)
-                    self.last_released[due.campaign_id] = self.clock.time()
                 for due, capacity in blocked:
                     await self._redate(conn, due, capacity, now)
                     touched.add(due.campaign_id)
@@ -129,15 +137,29 @@ class Releaser:
                                    "domain_group": None, "domain_rate": 0})
         return LimitRequest(**{**request.__dict__, "domain_group": None, "domain_rate": 0})
 
+    async def _in_flight(self, conn: AsyncConnection, account: str, now: datetime) -> dict[str, int]:
+        """Sends of `account` released lately whose outcome has not come back, per campaign:
+        the limiter may not have counted them yet, so they are not released twice over."""
+        cur = await conn.execute(
+            """
+            SELECT p.campaign_id, count(*) FROM parked_sends p
+            JOIN recipients r ON r.send_id = p.send_id
+            WHERE p.account = %s AND p.released_at > %s AND r.status = 'deferred'
+            GROUP BY p.campaign_id
+            """,
+            (account, now - IN_FLIGHT_HORIZON),
+        )
+        return {campaign_id: count for campaign_id, count in await cur.fetchall()}
+
     async def _shares(
-        self, account: str, dues: list[_Due]
+        self, account: str, dues: list[_Due], in_flight: dict[str, int]
     ) -> tuple[list[tuple[_Due, int]], list[tuple[_Due, Capacity]]]:
         """How many sends each campaign may release now, and those a limit blocks."""
         shared = self._request(dues[0], account_only=True)
         if shared is None:  # unknown account: let the sender fail them with unknown_account
             return [(d, d.count) for d in dues], []
         pool_left = min(
-            (await self.limiter.capacity(shared)).available,
+            (await self.limiter.capacity(shared)).available - sum(in_flight.values()),
             self.max_per_pass,
         )
         own: dict[str, int] = {}
@@ -148,22 +170,27 @@ class Releaser:
             capacity = await self.limiter.capacity(request)
             if capacity.available <= 0:
                 blocked.append((due, capacity))
-            own[due.campaign_id] = min(capacity.available, due.count)
+            own[due.campaign_id] = min(capacity.available - in_flight.get(due.campaign_id, 0), due.count)
         grants: dict[str, int] = defaultdict(int)
         for priority in sorted({d.priority for d in dues}, reverse=True):
-            tier = sorted(
-                (d for d in dues if d.priority == priority and own[d.campaign_id] > 0),
-                key=lambda d: (self.last_released.get(d.campaign_id, 0.0), d.queued_at),
-            )
-            while pool_left > 0 and tier:
-                for due in list(tier):  # one each in turn
-                    if pool_left == 0:
-                        break
-                    grants[due.campaign_id] += 1
-                    pool_left -= 1
-                    if grants[due.campaign_id] >= own[due.campaign_id]:
-                        tier.remove(due)
+            tier = [d for d in dues if d.priority == priority and own[d.campaign_id] > 0]
+            self._join(tier)
+            while pool_left > 0 and tier:  # one at a time to the least served (fair queuing)
+                due = min(tier, key=lambda d: (self.served[d.campaign_id], d.queued_at))
+                grants[due.campaign_id] += 1
+                self.served[due.campaign_id] += 1
+                pool_left -= 1
+                if grants[due.campaign_id] >= own[due.campaign_id]:
+                    tier.remove(due)
         return [(d, grants[d.campaign_id]) for d in dues if grants[d.campaign_id] > 0], blocked
+
+    def _join(self, tier: list[_Due]) -> None:
+        """Campaigns new to the contention start level with the least served one there,
+        so equal priorities share from now on; nobody catches up on the past."""
+        known = [self.served[d.campaign_id] for d in tier if d.campaign_id in self.served]
+        floor = min(known, default=0)
+        for due in tier:
+            self.served.setdefault(due.campaign_id, floor)
 
     async def _release(self, conn: AsyncConnection, campaign_id: str, n: int, now: datetime) -> int:
         cur = await conn.execute(

@@ -55,7 +55,7 @@ def retry_later(
     asked = retry_after(failed.get("smtp_reply") or "")
     if asked is None:
         base = settings.transient_retry_seconds * 2 ** (attempt - 1)
-        delay = min(MAX_BACKOFF, base) * (rng or random).uniform(0.8, 1.2)
+        delay = min(MAX_BACKOFF, base * (rng or random).uniform(0.8, 1.2))
     else:
         delay = asked
     until = now + timedelta(seconds=delay)

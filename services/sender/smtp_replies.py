@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 
 _SLOW_CODES = frozenset({421, 451})
-_SLOW_ENHANCED = re.compile(r"\b4\.(7\.\d{1,3}|4\.5)\b")
+#: An enhanced status code (RFC 3463) opens the reply text, after the reply code if repeated.
+_SLOW_ENHANCED = re.compile(r"^\s*(?:\d{3}[ -])?4\.(7\.\d{1,3}|4\.5)\b")
 _SLOW_TEXT = re.compile(
     r"too many|slow down|rate.?limit|throttl|try again later|temporarily deferred|too fast",
     re.IGNORECASE,

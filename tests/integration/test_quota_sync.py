@@ -311,3 +311,28 @@ async def test_api_key_and_url_secrets_never_reach_logs(
     assert account in text and "HTTP status 500" in text and provider.url in text
     for secret in (API_KEY, "query-secret-91", "userinfo-secret-37", "quota-user"):
         assert secret not in text
+
+
+async def test_a_lagging_provider_never_gives_back_sends_in_flight(
+    provider: Provider, redis_client: aioredis.Redis, keys: LimiterKeys, account: str
+) -> None:
+    sync = QuotaSync([], redis_client, keys, FixedClock())
+    provider.answer(smtp_bz_user(30))
+    await sync.sync_once(source(account, provider.url))
+    await redis_client.decrby(keys.quota(account), 30)  # the limiter reserved 30 sends
+    provider.answer(smtp_bz_user(12))  # the provider has accepted only 18 of them so far
+    await sync.sync_once(source(account, provider.url))
+    assert await stored(redis_client, keys, account) == 0  # not 12: those are in flight
+    provider.answer(smtp_bz_user(0))
+    await sync.sync_once(source(account, provider.url))
+    assert await stored(redis_client, keys, account) == 0
+    provider.answer(smtp_bz_user(100))  # a top-up of 100
+    await sync.sync_once(source(account, provider.url))
+    assert await stored(redis_client, keys, account) == 100
+    await redis_client.decrby(keys.quota(account), 10)
+    provider.answer(smtp_bz_user(95))  # it counted 5 of our 10, and nothing else changed
+    await sync.sync_once(source(account, provider.url))
+    assert await stored(redis_client, keys, account) == 90
+    provider.answer(smtp_bz_user(40))  # someone else used the account: the provider knows best
+    await sync.sync_once(source(account, provider.url))
+    assert await stored(redis_client, keys, account) == 40

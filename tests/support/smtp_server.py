@@ -21,6 +21,7 @@ from aiosmtpd.controller import Controller
 from services.pipeline.embedded import free_port
 
 REJECT_REPLY = "550 5.1.1 Recipient address rejected: User unknown in local recipient table"
+SLOW_DOWN_REPLY = "451 4.7.1 Too many messages, slow down and try again later"
 
 
 @dataclass
@@ -38,6 +39,7 @@ class RecordingHandler:
 
     reject: set[str] = field(default_factory=set)
     data_delay: float = 0.0  # seconds to wait before answering DATA (a slow server)
+    slow_down_once: set[str] = field(default_factory=set)  # answered 451 4.7.1 at RCPT, once
     received: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -45,6 +47,9 @@ class RecordingHandler:
                           rcpt_options: list[str]) -> str:
         if address.lower() in self.reject:
             return REJECT_REPLY
+        if address.lower() in self.slow_down_once:
+            self.slow_down_once.discard(address.lower())
+            return SLOW_DOWN_REPLY
         envelope.rcpt_tos.append(address)
         return "250 OK"
 

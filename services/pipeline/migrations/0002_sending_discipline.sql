@@ -34,6 +34,8 @@ CREATE TABLE parked_sends (
 );
 CREATE INDEX parked_sends_due_idx ON parked_sends (account, due_at) WHERE released_at IS NULL;
 CREATE INDEX parked_sends_campaign_idx ON parked_sends (campaign_id) WHERE released_at IS NULL;
+CREATE INDEX parked_sends_released_idx ON parked_sends (account, released_at)
+    WHERE released_at IS NOT NULL;
 
 -- One campaign.status event per (campaign, reason, until), ever (R20).
 CREATE TABLE status_notifications (
