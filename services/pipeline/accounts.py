@@ -125,6 +125,27 @@ class Accounts:
             return account
         return self.routes.get(manager_id, self.default)
 
+    def command_problem(self, message: Mapping[str, Any]) -> str | None:
+        """Why a valid start or test email cannot be sent as asked (None: it can).
+
+        The account it routes to must be configured, and its own working hours
+        must make sense; planner and reconciler both refuse such a command, so it
+        never becomes a campaign that waits forever.
+        """
+        if message.get("kind") not in ("campaign.start", "campaign.test_email"):
+            return None
+        name = self.route(message.get("account"), message["manager_id"])
+        account = self.by_name.get(name)
+        if account is None:
+            known = ", ".join(sorted(self.by_name))
+            return f"{message['kind']} routes to SMTP account {name!r}, which is not configured ({known})"
+        if message.get("working_hours"):
+            try:
+                WorkingHours.from_json(message["working_hours"], account.working_hours)
+            except WorkingHoursError as exc:
+                return f"{message['kind']}: working_hours: {exc}"
+        return None
+
 
 def load_accounts(settings: Settings) -> Accounts:
     """Accounts from MAILER_ACCOUNTS_FILE, or the single default account of the settings."""

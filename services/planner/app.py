@@ -90,7 +90,8 @@ class Planner:
                          error_type="internal_error")
 
     async def _handle(self, event: Any, parts: PlannerParts) -> None:
-        message = await accept(event, Topic.CAMPAIGN_COMMANDS, parts.dead_letters)
+        message = await accept(event, Topic.CAMPAIGN_COMMANDS, parts.dead_letters,
+                               self.accounts.command_problem)
         if message is None:
             return
         kind = message["kind"]

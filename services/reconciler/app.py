@@ -132,7 +132,7 @@ class Reconciler:
         assert self.dead_letters is not None
         accepted = []
         for event in events:
-            message = await accept(event, topic, self.dead_letters)
+            message = await accept(event, topic, self.dead_letters, self.accounts.command_problem)
             if message is not None:
                 accepted.append((event, message))
         return accepted
@@ -174,7 +174,7 @@ class Reconciler:
                     assert self.dead_letters is not None
                     await reject(event, self.dead_letters,
                                  f"reconciler could not apply it: {type(exc).__name__}: {exc}",
-                                 error_type="projection_error",
+                                 error_type=getattr(exc, "error_type", "projection_error"),
                                  campaign_id=message.get("campaign_id"))
 
     async def _write_messages(self, what: str, messages: list[Message], tx: Any) -> None:

@@ -95,9 +95,21 @@ async def _start(conn: AsyncConnection, start: Message, accounts: Accounts) -> l
     ]
 
 
+class UnknownCampaign(Exception):
+    """A recipient chunk of a campaign that was never started (or whose start was refused)."""
+
+    error_type = "unknown_campaign"
+
+
 async def _chunk(conn: AsyncConnection, chunk: Message) -> None:
     campaign_id = chunk["campaign_id"]
     recipients = chunk["recipients"]
+    cur = await conn.execute("SELECT 1 FROM campaigns WHERE campaign_id = %s", (campaign_id,))
+    if await cur.fetchone() is None:
+        raise UnknownCampaign(
+            f"chunk {chunk['chunk_index']} of campaign {campaign_id!r} arrived but the campaign "
+            "was never started (or its start was refused)"
+        )
     cur = await conn.execute(
         "INSERT INTO campaign_chunks (campaign_id, chunk_index, recipients) VALUES (%s, %s, %s)"
         " ON CONFLICT DO NOTHING RETURNING chunk_index",

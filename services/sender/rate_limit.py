@@ -17,6 +17,9 @@ from 1/N of every limit in this process (`LocalShare`). Grants made locally
 are written to Redis when it answers again with the same epoch. Every
 decision is counted in `mailer_limiter_decisions_total`, every Redis error in
 `mailer_redis_errors_total`; logs never hold the Redis URL.
+
+The request and answer types and the key helpers live in `limit_types`, the
+in-process share in `local_share`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -26,12 +29,10 @@ import math
 import re
 import time
 import uuid
-from bisect import bisect_right, insort
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter
@@ -44,11 +45,37 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from services.pipeline.defer_reasons import DeferReason
 from services.pipeline.limiter_keys import LimiterKeys
 from services.pipeline.settings import Settings
+from services.sender.limit_types import (
+    UNLIMITED,
+    Capacity,
+    Decision,
+    LimitRequest,
+    RestoredSend,
+    placeholder_key,
+    restore_lock_key,
+    token_key,
+)
+from services.sender.local_share import LocalShare
+
+# Callers import the limiter's value types and keys from here, as before the split.
+__all__ = [
+    "DECISIONS",
+    "REDIS_ERRORS",
+    "UNLIMITED",
+    "Capacity",
+    "Decision",
+    "LimitRequest",
+    "Limiter",
+    "LocalShare",
+    "RestoredSend",
+    "placeholder_key",
+    "restore_lock_key",
+    "token_key",
+]
 
 log = logging.getLogger(__name__)
 
 SCRIPT = Path(__file__).with_name("rate_limit.lua").read_text(encoding="utf-8")
-UNLIMITED = 1_000_000  # `Capacity.available` when no limit applies
 POLICIES = ("fail_closed", "local_share")
 LOCK_MS = 30_000  # a restorer that stops refreshing its lock for this long has lost it
 RESTORE_BATCH = 500
@@ -64,80 +91,6 @@ DECISIONS = Counter(
 REDIS_ERRORS = Counter(
     "mailer_redis_errors_total", "Redis calls of the limiter that failed, by operation.", ["operation"]
 )
-
-
-@dataclass(frozen=True)
-class LimitRequest:
-    """Everything the limits of one send depend on; `token_id` is unique per reservation."""
-
-    token_id: str
-    account: str
-    account_rate: int  # sends per sliding window (3600 s); 0: unlimited
-    manager_id: str
-    daily_limit: int  # per manager per local day; 0: unlimited
-    day: str  # the account's local calendar day, YYYY-MM-DD
-    next_day_at: float  # clock time of the next local midnight
-    campaign_id: str
-    campaign_rate: int = 0  # the campaign's own hourly rate; 0: none
-    domain_group: str | None = None
-    domain_rate: int = 0  # hourly throttle of (account, domain_group); 0: none
-    warmup_cap: int = 0  # daily cap while warming up when the warm-up job set none; 0: no warm-up
-    quota_enforced: bool = False  # the account has a provider quota
-    now: float = 0.0  # clock time of the decision
-
-
-@dataclass(frozen=True)
-class Decision:
-    """Whether a send may go now; when not, the binding limit and when all refusing limits allow it."""
-
-    granted: bool
-    reason: DeferReason | None
-    retry_at: float | None
-    factor: float = 1.0  # the account's adaptive factor
-    degraded: bool = False  # decided without Redis
-
-
-@dataclass(frozen=True)
-class Capacity:
-    """How many sends could be granted now (domain throttles aside), and what binds at 0."""
-
-    available: int
-    reason: DeferReason | None
-    retry_at: float | None
-
-
-@dataclass(frozen=True)
-class RestoredSend:
-    """One send the reconciler knows was made, to rebuild the limiter's state after Redis lost it."""
-
-    token_id: str
-    account: str
-    campaign_id: str
-    manager_id: str
-    day: str
-    at: float  # clock time of the send
-    domain_group: str | None
-    counts_warmup: bool
-    next_day_at: float
-
-
-def token_key(keys: LimiterKeys, token_id: str) -> str:
-    """Hash recording what one granted reservation took (what `refund` gives back)."""
-    return "{" + keys.prefix + "}:tok:" + token_id
-
-
-def restore_lock_key(keys: LimiterKeys) -> str:
-    """Held (SET NX) by the one process restoring the limiter's state."""
-    return "{" + keys.prefix + "}:restore_lock"
-
-
-def placeholder_key(keys: LimiterKeys) -> str:
-    """Stands for a limit that does not apply (keeps every key in the prefix's slot)."""
-    return "{" + keys.prefix + "}:none"
-
-
-def _scaled(rate: int, factor: float) -> int:
-    return max(1, math.floor(rate * factor + 1e-9))
 
 
 def _text(value: Any) -> str:
@@ -160,143 +113,6 @@ _CREDENTIALS = re.compile(r"//[^/@\s]*@")
 def _describe(exc: BaseException) -> str:
     text = _CREDENTIALS.sub("//***@", str(exc).splitlines()[0] if str(exc) else "")
     return f"{type(exc).__name__}: {text[:200]}"
-
-
-class _Room(NamedTuple):
-    left: int  # sends this limit still allows
-    reason: DeferReason
-    retry_at: float | None  # set when left <= 0
-    key: str  # the local window or counter to take from ("" for none)
-    window: bool
-
-
-class LocalShare:
-    """1/N of every limit, kept in this process while Redis is unreachable (`local_share`).
-
-    Factors, quotas and warm-up caps are the last values this process saw from Redis.
-    """
-
-    def __init__(self, keys: LimiterKeys, *, instances: int, window: float, retry_seconds: float) -> None:
-        self.keys = keys
-        self.instances = instances
-        self.window = window
-        self.retry_seconds = retry_seconds
-        self._windows: dict[str, list[float]] = {}
-        self._counts: dict[str, int] = {}
-        self._granted: dict[str, tuple[LimitRequest, list[_Room]]] = {}
-        self._factors: dict[str, float] = {}
-        self._quotas: dict[str, float] = {}
-        self._caps: dict[str, float] = {}
-
-    def observe_factor(self, key: str, factor: float) -> None:
-        self._factors[key] = factor
-
-    def observe(self, req: LimitRequest, *, factor: float, domain_factor: float,
-                quota: float | None, cap: float | None) -> None:
-        """Remember what Redis answered for `req`."""
-        self._factors[self.keys.adaptive(req.account)] = factor
-        if req.domain_group:
-            self._factors[self.keys.adaptive(req.account, req.domain_group)] = domain_factor
-        if quota is not None:
-            self._quotas[req.account] = quota
-        if cap is not None and req.warmup_cap > 0:
-            self._caps[req.account] = cap
-
-    def factor(self, account: str) -> float:
-        return self._factors.get(self.keys.adaptive(account), 1.0)
-
-    def reserve(self, req: LimitRequest) -> Decision:
-        factor = self.factor(req.account)
-        if req.token_id in self._granted:
-            return Decision(True, None, None, factor, degraded=True)
-        rooms = list(self._rooms(req))
-        refusing = [room for room in rooms if room.retry_at is not None]
-        if refusing:
-            worst = max(refusing, key=lambda room: room.retry_at or 0.0)
-            return Decision(False, worst.reason, worst.retry_at, factor, degraded=True)
-        for room in rooms:
-            if room.window:
-                insort(self._windows.setdefault(room.key, []), req.now)
-            else:
-                self._counts[room.key] = self._counts.get(room.key, 0) + 1
-        self._granted[req.token_id] = (req, rooms)
-        return Decision(True, None, None, factor, degraded=True)
-
-    def capacity(self, req: LimitRequest) -> Capacity:
-        rooms = [room for room in self._rooms(req) if room.reason is not DeferReason.DOMAIN_THROTTLE]
-        available = min([UNLIMITED, *(max(0, room.left) for room in rooms)])
-        refusing = [room for room in rooms if room.retry_at is not None]
-        if available > 0 or not refusing:
-            return Capacity(available, None, None)
-        worst = max(refusing, key=lambda room: room.retry_at or 0.0)
-        return Capacity(0, worst.reason, worst.retry_at)
-
-    def refund(self, token_id: str) -> bool:
-        """Give back a local grant; False when `token_id` was not granted here."""
-        granted = self._granted.pop(token_id, None)
-        if granted is None:
-            return False
-        req, rooms = granted
-        for room in rooms:
-            if room.window:
-                entries = self._windows.get(room.key, [])
-                if req.now in entries:
-                    entries.remove(req.now)
-            elif self._counts.get(room.key, 0) > 0:
-                self._counts[room.key] -= 1
-        return True
-
-    def drain(self) -> list[LimitRequest]:
-        """The requests granted here since the last drain; forgets every local window and counter."""
-        granted = [req for req, _ in self._granted.values()]
-        self._granted.clear()
-        self._windows.clear()
-        self._counts.clear()
-        return granted
-
-    def _rooms(self, req: LimitRequest) -> Iterator[_Room]:
-        k, n = self.keys, self.instances
-        if req.account_rate > 0:
-            limit = _scaled(req.account_rate, self.factor(req.account))
-            yield self._window(k.account_rate(req.account), limit // n, req, DeferReason.RATE_PER_HOUR)
-        if req.campaign_rate > 0:
-            yield self._window(k.campaign_rate(req.campaign_id), req.campaign_rate // n, req,
-                               DeferReason.CAMPAIGN_RATE)
-        if req.domain_group and req.domain_rate > 0:
-            factor = self._factors.get(k.adaptive(req.account, req.domain_group), 1.0)
-            yield self._window(k.domain_rate(req.account, req.domain_group),
-                               _scaled(req.domain_rate, factor) // n, req, DeferReason.DOMAIN_THROTTLE)
-        if req.daily_limit > 0:
-            yield self._counter(k.daily(req.account, req.manager_id, req.day), req.daily_limit // n, req,
-                                DeferReason.DAILY_LIMIT, req.next_day_at)
-        if req.warmup_cap > 0:
-            cap = int(self._caps.get(req.account, req.warmup_cap))
-            yield self._counter(k.warmup_daily(req.account, req.day), cap // n, req,
-                                DeferReason.WARMUP_CAP, req.next_day_at)
-        if req.quota_enforced:
-            retry_at = req.now + self.retry_seconds
-            quota = self._quotas.get(req.account)
-            if quota is None:
-                yield _Room(0, DeferReason.QUOTA_UNKNOWN, retry_at, "", False)
-            else:
-                yield self._counter(k.quota(req.account), math.floor(quota) // n, req,
-                                    DeferReason.QUOTA_EXHAUSTED, retry_at)
-
-    def _window(self, key: str, share: int, req: LimitRequest, reason: DeferReason) -> _Room:
-        entries = self._windows.get(key, [])
-        del entries[:bisect_right(entries, req.now - self.window)]
-        left = share - len(entries)
-        if left > 0:
-            return _Room(left, reason, None, key, True)
-        retry_at = entries[-left] + self.window if share > 0 else req.now + self.retry_seconds
-        return _Room(left, reason, retry_at, key, True)
-
-    def _counter(self, key: str, share: int, req: LimitRequest, reason: DeferReason,
-                 retry_at: float) -> _Room:
-        left = share - self._counts.get(key, 0)
-        if left > 0:
-            return _Room(left, reason, None, key, False)
-        return _Room(left, reason, retry_at if share > 0 else req.now + self.retry_seconds, key, False)
 
 
 class Limiter:

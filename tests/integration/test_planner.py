@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Callable
 
 import orjson
 import pytest
@@ -64,3 +65,25 @@ def test_chunk_of_unknown_campaign_is_dead_lettered(
     assert letter["error_type"] == "unknown_campaign"
     assert "never started" in letter["reason"]
     assert letter["campaign_id"] == "never-started"
+
+
+def test_start_routed_to_an_unconfigured_account_is_refused_by_planner_and_reconciler(
+    settings: Settings, services: ServiceRunner, sql: Callable[..., list[tuple]]
+) -> None:
+    services.start("planner")
+    services.start("reconciler")
+    bad = campaign("nowhere", account="no-such-account")
+    asyncio.run(publish(settings, list(campaign_messages(bad, recipients(3)))))
+    dead = read_topic(settings.kafka_bootstrap_servers,
+                      topic_name(Topic.DEAD_LETTERS, settings), expect=4, idle=3.0, timeout=60)
+    services.check_alive()
+    letters = [orjson.loads(m.value()) for m in dead]
+    starts = [d for d in letters if d["error_type"] == "invalid_campaign"]
+    assert {d["service"] for d in starts} == {"planner", "reconciler"}
+    assert all("'no-such-account', which is not configured (default)" in d["reason"] for d in starts)
+    # its chunk has no campaign to join: the planner says so, nothing is sent
+    orphans = [d["service"] for d in letters if d["error_type"] == "unknown_campaign"]
+    assert sorted(orphans) == ["planner", "reconciler"]
+    assert sql("SELECT count(*) FROM campaigns") == [(0,)]
+    assert read_topic(settings.kafka_bootstrap_servers, topic_name(Topic.SEND_COMMANDS, settings),
+                      idle=1.0, timeout=5) == []
