@@ -65,9 +65,9 @@ async def restore_if_lost(
         ))
     restored = await limiter.restore(entries, now=clock.time())
     if restored:
-        log.warning(
-            "limiter state was missing in Redis; restored it from %d sends in send_log", len(entries)
-        )
+        # info: a first start looks the same; the limiter itself warns about a Redis outage
+        log.info("limiter state (re)built in Redis from %d sends of the last 25 h in send_log",
+                 len(entries))
     return restored
 
 

@@ -100,7 +100,7 @@ def test_three_senders_keep_100_per_hour_and_use_it(
     watcher = GrantWatcher(settings.redis_url, LimiterKeys(settings.redis_key_prefix).account_rate("default"))
     with run_services(settings, tmp_path / "logs") as services:
         start(services, "planner", "sender", "sender", "sender", "reconciler")
-        publish(settings, "hourly", 250)
+        publish(settings, "hourly", 250, deadline="2026-11-30T08:30:00Z")  # 11:30 MSK: too early
         wait_until("the first hour's 100 projected and deferred", lambda: view(settings, "hourly").get(
             "counts", {}).get("sent") == 100 and view(settings, "hourly")["status"] == "deferred", services)
         deferred = view(settings, "hourly", "en")
@@ -127,7 +127,9 @@ def test_three_senders_keep_100_per_hour_and_use_it(
                          < msk(2026, 11, 30, h + 1).timestamp())
     assert hour(10) >= 98 and hour(11) >= 98, [hour(10), hour(11), hour(12)]
     assert deferred["reason"].startswith("Reached the limit of 100 emails per hour")
+    assert deferred["deadline_warning"] is True  # 250 at 100/h cannot be done by 11:30 (B1)
     error = abs((eta - finished).total_seconds())
+    eta, finished = eta.astimezone(MSK), finished.astimezone(MSK)
     print(f"\nsaturated hours: {hour(10)} and {hour(11)} of 100; ETA {eta:%H:%M:%S} vs finished "
           f"{finished:%H:%M:%S} (error {error / 60:.1f} min)")
     assert error <= 15 * 60
