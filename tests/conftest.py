@@ -13,14 +13,16 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import psycopg
 import pytest
+import redis.asyncio as aioredis
 
 from services.pipeline.embedded import free_port, start_broker
+from services.pipeline.limiter_keys import LimiterKeys
 from services.pipeline.migrations import migrate
 from services.pipeline.settings import Settings
 from tests.support.processes import ServiceRunner, run_services
@@ -87,6 +89,24 @@ def redis_url(docker_engine: bool) -> Iterator[str]:
             yield f"redis://{r.get_container_host_ip()}:{r.get_exposed_port(6379)}/0"
     else:
         yield "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """An asyncio Redis client (strings decoded) on the test Redis."""
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def keys(redis_client: aioredis.Redis) -> AsyncIterator[LimiterKeys]:
+    """Limiter key names under a prefix of this test's own; its keys are deleted afterwards."""
+    keys = LimiterKeys(f"t{uuid.uuid4().hex[:10]}")
+    yield keys
+    stale = [k async for k in redis_client.scan_iter(match="{" + keys.prefix + "}:*", count=1000)]
+    if stale:
+        await redis_client.delete(*stale)
 
 
 @pytest.fixture

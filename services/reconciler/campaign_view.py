@@ -34,7 +34,7 @@ from services.pipeline.settings import Settings
 from services.pipeline.working_hours import WorkingHours, local_day, next_open_all
 from services.reconciler.eta import EtaInputs, deadline_warning
 from services.reconciler.eta import estimate as estimate_eta
-from services.reconciler.reason_texts import Language, defer_text, status_text
+from services.reconciler.reason_texts import Language, defer_text, hours_text, status_text
 from services.reconciler.status_events import COUNT_FIELDS
 
 _TIMESTAMPS = ("created_at", "started_at", "first_sent_at", "completed_at", "updated_at")
@@ -117,14 +117,14 @@ async def _schedule(
     if c["working_hours"]:
         windows.append(WorkingHours.from_json(c["working_hours"], account.working_hours))
     live = await _limiter_figures(c, account.name, account.time_zone, views, now)
+    limit = {"campaign_rate": c["rate_per_hour"],
+             "daily_limit": account.daily_limit_per_manager}.get(c["defer_reason"], account.hourly_rate)
     numbers: dict[str, int | str] = {
-        "limit": c["rate_per_hour"] or account.hourly_rate,
+        "limit": limit,
         "sent": live["sent_today"],
         "daily_limit": account.daily_limit_per_manager,
-        "window": " ".join(w.describe() for w in windows),
+        "window": ", ".join(hours_text(w, lang, now) for w in windows),
     }
-    if c["defer_reason"] == "daily_limit":
-        numbers["limit"] = account.daily_limit_per_manager
     if status == "deferred":
         reason = defer_text(c["defer_reason"], lang, until=c["deferred_until"],
                             time_zone=account.time_zone, now=now, numbers=numbers)

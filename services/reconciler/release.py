@@ -89,10 +89,10 @@ class Releaser:
             if row is None or not row[0]:
                 return 0
             by_account: dict[str, list[_Due]] = defaultdict(list)
-            dues = await self._due(conn, now)
-            for due in dues:
+            everything_due = await self._due(conn, now)
+            for due in everything_due:
                 by_account[due.account].append(due)
-            competing = {d.campaign_id for d in dues}  # who stops competing is forgotten
+            competing = {d.campaign_id for d in everything_due}  # who stops competing is forgotten
             self.served = {c: n for c, n in self.served.items() if c in competing}
             for account, dues in by_account.items():
                 in_flight = await self._in_flight(conn, account, now)
@@ -112,13 +112,16 @@ class Releaser:
     async def _due(self, conn: AsyncConnection, now: datetime) -> list[_Due]:
         cur = await conn.execute(
             """
-            SELECT p.campaign_id, p.account, max(p.priority), min(p.queued_at), count(*),
+            SELECT d.campaign_id, d.account, d.priority, d.queued_at, d.n,
                    coalesce(c.manager_id, ''), coalesce(c.rate_per_hour, 0),
-                   (array_agg(p.command))[1]
-            FROM parked_sends p LEFT JOIN campaigns c ON c.campaign_id = p.campaign_id
-            WHERE p.released_at IS NULL AND p.due_at <= %s
-              AND (c.status IS NULL OR c.status = 'sending')
-            GROUP BY p.campaign_id, p.account, c.manager_id, c.rate_per_hour
+                   (SELECT s.command FROM parked_sends s  -- one command: the limits it names
+                     WHERE s.campaign_id = d.campaign_id AND s.released_at IS NULL LIMIT 1)
+            FROM (SELECT campaign_id, account, max(priority) AS priority,
+                         min(queued_at) AS queued_at, count(*) AS n
+                  FROM parked_sends WHERE released_at IS NULL AND due_at <= %s
+                  GROUP BY campaign_id, account) d
+            LEFT JOIN campaigns c ON c.campaign_id = d.campaign_id
+            WHERE c.status IS NULL OR c.status = 'sending'
             """,
             (now,),
         )

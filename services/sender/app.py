@@ -146,8 +146,13 @@ class SenderRuntime:
         admission = await gate.admit(command)
         if isinstance(admission, Parked):
             return parked_outcome(command, self.settings, admission.reason, admission.until, started)
-        outcome = await send_one(command, pools, self.settings)
         request = admission.request
+        try:
+            outcome = await send_one(command, pools, self.settings)
+        except Exception:  # before the payload went out (send_one's contract): nothing was sent
+            if request is not None:
+                await gate.limiter.refund(request)
+            raise
         if request is None:
             return outcome
         if outcome["kind"] == "outcome.sent":

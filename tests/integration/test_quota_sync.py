@@ -86,22 +86,6 @@ async def provider() -> AsyncIterator[Provider]:
 
 
 @pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def keys(redis_client: aioredis.Redis) -> AsyncIterator[LimiterKeys]:
-    keys = LimiterKeys(f"t{uuid.uuid4().hex[:10]}")
-    yield keys
-    stale = [k async for k in redis_client.scan_iter(match="{" + keys.prefix + "}:*")]
-    if stale:
-        await redis_client.delete(*stale)
-
-
-@pytest.fixture
 def account() -> str:
     """An account name no other test uses, so its metrics start at zero."""
     return f"acct-{uuid.uuid4().hex[:8]}"

@@ -11,7 +11,7 @@ import itertools
 import logging
 import multiprocessing
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -53,24 +53,10 @@ def request(**fields: Any) -> LimitRequest:
     return LimitRequest(**base)
 
 
-async def _delete_prefix(client: aioredis.Redis, keys: LimiterKeys) -> None:
-    async for key in client.scan_iter(match="{" + keys.prefix + "}:*", count=1000):
-        await client.delete(key)
-
-
 @pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    conn = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    yield conn
-    await conn.aclose()
-
-
-@pytest.fixture
-async def keys(client: aioredis.Redis) -> AsyncIterator[LimiterKeys]:
-    """A prefix of this test's own; its keys are deleted afterwards."""
-    keys = LimiterKeys(f"rltest-{os.urandom(6).hex()}")
-    yield keys
-    await _delete_prefix(client, keys)
+def client(redis_client: aioredis.Redis) -> aioredis.Redis:
+    """The test Redis (strings decoded)."""
+    return redis_client
 
 
 @pytest.fixture

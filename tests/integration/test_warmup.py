@@ -7,7 +7,7 @@ send_log rows are written directly; days are the account's local days
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 
 import psycopg
@@ -73,22 +73,6 @@ def send_log(warmup_db: str) -> Iterator[Callable[..., None]]:
 
     yield insert
     conn.close()
-
-
-@pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def keys(redis_client: aioredis.Redis) -> AsyncIterator[LimiterKeys]:
-    keys = LimiterKeys(f"t{uuid.uuid4().hex[:10]}")
-    yield keys
-    stale = [k async for k in redis_client.scan_iter(match="{" + keys.prefix + "}:*")]
-    if stale:
-        await redis_client.delete(*stale)
 
 
 @pytest.fixture

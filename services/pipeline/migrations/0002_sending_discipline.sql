@@ -33,7 +33,7 @@ CREATE TABLE parked_sends (
     released_at  timestamptz
 );
 CREATE INDEX parked_sends_due_idx ON parked_sends (account, due_at) WHERE released_at IS NULL;
-CREATE INDEX parked_sends_campaign_idx ON parked_sends (campaign_id) WHERE released_at IS NULL;
+CREATE INDEX parked_sends_campaign_idx ON parked_sends (campaign_id, due_at) WHERE released_at IS NULL;
 CREATE INDEX parked_sends_released_idx ON parked_sends (account, released_at)
     WHERE released_at IS NOT NULL;
 
