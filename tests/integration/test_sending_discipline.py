@@ -210,7 +210,7 @@ def test_quota_exhaustion_defers_and_a_top_up_resumes(
                        services)
             statuses = [orjson.loads(m.value()) for m in read_topic(
                 settings.kafka_bootstrap_servers, topic_name(Topic.CAMPAIGN_STATUS, settings),
-                expect=3)]
+                idle=2.0)]
     finally:
         provider.stop()
     assert exhausted["status"] == "deferred"
