@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -74,7 +75,11 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
 def _show(args: argparse.Namespace, settings: Settings) -> int:
     from services.reconciler.campaign_view import show_command
 
-    return show_command(args, settings)
+    try:
+        return show_command(args, settings)
+    except BrokenPipeError:  # `mailer show ID | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
