@@ -17,6 +17,7 @@ out and retried. The poll endpoint is served on `settings.http_port`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -60,6 +61,7 @@ class Reconciler:
         self.status_topic = topic_name(Topic.CAMPAIGN_STATUS, settings)
         self._write_lock = asyncio.Lock()  # one batch transaction at a time: no deadlocks
         self._started = asyncio.Lock()
+        self.stopping = asyncio.Event()  # set first on shutdown: the background loops end
         self.pool: Any = None
         self.producer: AsyncProducer | None = None
         self.dead_letters: DeadLetters | None = None
@@ -117,7 +119,10 @@ class Reconciler:
                                  self.accounts, self.clock.now())
 
     async def stop(self) -> None:
-        """Stop serving, flush and close."""
+        """End the background loops, stop serving, flush and close."""
+        self.stopping.set()
+        async with self._write_lock:  # let a release pass or batch in progress finish
+            pass
         if self.runner is not None:
             await self.runner.cleanup()
         if self.limiter is not None:
@@ -188,16 +193,21 @@ class Reconciler:
         await retry_transient(work, what=f"writing {len(messages)} {what}")
 
 
-async def every(interval: float, work: Callable[[], Awaitable[None]], what: str) -> None:
-    """Run `work` every `interval` wall seconds until cancelled; an error is logged, not fatal."""
-    while True:
+async def every(
+    interval: float, work: Callable[[], Awaitable[None]], what: str, stop: asyncio.Event
+) -> None:
+    """Run `work` every `interval` wall seconds until `stop` is set; an error is logged, not fatal."""
+    while not stop.is_set():
         try:
             await work()
         except asyncio.CancelledError:
             raise
         except Exception:
+            if stop.is_set():
+                return  # shutting down: the pool or producer it used is closed
             log.exception("%s failed; trying again in %.1fs", what, interval)
-        await asyncio.sleep(interval)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
 
 
 def create_reconciler_app(settings: Settings) -> faust.App:
@@ -224,17 +234,18 @@ def create_reconciler_app(settings: Settings) -> faust.App:
 
     @app.task
     async def release_parked_sends() -> None:
-        await every(settings.release_interval, reconciler.schedule, "releasing parked sends")
+        await every(settings.release_interval, reconciler.schedule, "releasing parked sends",
+                    reconciler.stopping)
 
     @app.task
     async def step_warm_up() -> None:
-        await every(WARMUP_INTERVAL, reconciler.warm_up, "warm-up step")
+        await every(WARMUP_INTERVAL, reconciler.warm_up, "warm-up step", reconciler.stopping)
 
     @app.task
     async def sync_quotas() -> None:
         await retry_transient(reconciler.start, what="reconciler start-up")
         assert reconciler.quota_sync is not None
-        await reconciler.quota_sync.run(asyncio.Event())
+        await reconciler.quota_sync.run(reconciler.stopping)
 
     faust_app.close_on_shutdown(app, reconciler.stop)
     return app

@@ -67,28 +67,35 @@ class ServiceRunner:
             for name, _, log in self.procs
         )
 
-    def stop_all(self, grace: float = 15.0) -> None:
-        """SIGTERM every service, SIGKILL what is still running after `grace` seconds."""
+    def stop_all(self, grace: float = 15.0) -> list[str]:
+        """SIGTERM every service, SIGKILL what is still running after `grace` seconds;
+        return the names of those that had to be killed."""
         for _, proc, _ in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for _, proc, _ in self.procs:
+        killed = []
+        for name, proc, _ in self.procs:
             try:
                 proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+                killed.append(name)
+        return killed
 
 
 @contextlib.contextmanager
 def run_services(settings: Settings, log_dir: Path) -> Iterator[ServiceRunner]:
     """A ServiceRunner for `settings`, after what a deployment does first: create the
     registry's topics (so producing early does not auto-create one) and restore the
-    limiter's Redis state (`mailer migrate`). Stops every service on exit."""
+    limiter's Redis state (`mailer migrate`). Stops every service on exit and fails
+    when one had to be killed because SIGTERM did not stop it."""
     ensure_topics(settings)
     asyncio.run(restore_limiter(settings))
     runner = ServiceRunner(settings, log_dir)
     try:
         yield runner
     finally:
-        runner.stop_all()
+        killed = runner.stop_all()
+    # a service that does not stop on SIGTERM would be killed mid-work in production too
+    assert not killed, f"{killed} did not stop within 15 s of SIGTERM\n{runner.logs()}"
