@@ -6,8 +6,7 @@ runs `speed` times faster than the wall clock and reads `start` at the wall
 time `anchor`; processes given the same three values agree on the time, which
 is how tests run hours of limits in seconds. `FileClock` reads those three
 values from a file and follows its changes, so a test can also jump every
-process forward at once. `real_seconds(d)` converts a clock duration into
-wall seconds. `clock_from_settings()` picks one from `MAILER_CLOCK_FILE`.
+process forward at once. `clock_from_settings()` picks one from `MAILER_CLOCK_FILE`.
 """
 
 from __future__ import annotations
@@ -33,10 +32,6 @@ class Clock(Protocol):
         """Now, as an aware UTC datetime."""
         ...
 
-    def real_seconds(self, clock_seconds: float) -> float:
-        """Wall-clock seconds that `clock_seconds` of this clock take."""
-        ...
-
 
 class SystemClock:
     """The wall clock."""
@@ -46,9 +41,6 @@ class SystemClock:
 
     def now(self) -> datetime:
         return datetime.now(UTC)
-
-    def real_seconds(self, clock_seconds: float) -> float:
-        return clock_seconds
 
 
 class CompressedClock:
@@ -68,13 +60,6 @@ class CompressedClock:
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.time(), UTC)
-
-    def real_seconds(self, clock_seconds: float) -> float:
-        return clock_seconds / self.speed
-
-    def wall_time(self, clock_time: float) -> float:
-        """The wall-clock epoch seconds at which this clock reads `clock_time`."""
-        return self.anchor + (clock_time - self.start) / self.speed
 
 
 class FileClock:
@@ -123,9 +108,6 @@ class FileClock:
 
     def now(self) -> datetime:
         return self._current().now()
-
-    def real_seconds(self, clock_seconds: float) -> float:
-        return self._current().real_seconds(clock_seconds)
 
 
 def write_clock_file(path: str, start: datetime, speed: float, anchor: float | None = None) -> None:

@@ -26,7 +26,7 @@ from psycopg import AsyncConnection
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from services.pipeline.accounts import Accounts, load_accounts
+from services.pipeline.accounts import Account, Accounts, load_accounts
 from services.pipeline.clock import Clock, clock_from_settings
 from services.pipeline.db import fetch_dicts
 from services.pipeline.limiter_keys import LimiterKeys
@@ -116,7 +116,7 @@ async def _schedule(
     windows = [account.working_hours]
     if c["working_hours"]:
         windows.append(WorkingHours.from_json(c["working_hours"], account.working_hours))
-    live = await _limiter_figures(c, account.name, account.time_zone, views, now)
+    live = await _limiter_figures(c["manager_id"], account, views, now)
     limit = {"campaign_rate": c["rate_per_hour"],
              "daily_limit": account.daily_limit_per_manager}.get(c["defer_reason"], account.hourly_rate)
     numbers: dict[str, int | str] = {
@@ -154,24 +154,23 @@ async def _schedule(
 
 
 async def _limiter_figures(
-    c: dict[str, Any], account: str, time_zone: str, views: CampaignViews, now: datetime
+    manager_id: str, account: Account, views: CampaignViews, now: datetime
 ) -> dict[str, Any]:
     """The manager's sends today, the account's sends this hour and its quota, from Redis."""
-    day, _ = local_day(now, time_zone)
+    day, _ = local_day(now, account.time_zone)
     figures: dict[str, Any] = {"sent_today": 0, "sent_last_hour": 0, "quota": None}
-    account_cfg = views.accounts.get(account)
     try:
-        daily = await views.redis.get(views.keys.daily(account, c["manager_id"], day))
+        daily = await views.redis.get(views.keys.daily(account.name, manager_id, day))
         in_window = await views.redis.zcount(
-            views.keys.account_rate(account), f"({now.timestamp() - 3600}", "+inf"
+            views.keys.account_rate(account.name), f"({now.timestamp() - 3600}", "+inf"
         )
-        quota = await views.redis.get(views.keys.quota(account))
+        quota = await views.redis.get(views.keys.quota(account.name))
     except (RedisError, OSError):
         return figures
     figures["sent_today"] = int(daily or 0)
     figures["sent_last_hour"] = int(in_window)
-    if account_cfg is not None and account_cfg.quota is not None and quota is not None:
-        figures["quota"] = int(quota)
+    if account.quota is not None and quota is not None:
+        figures["quota"] = int(float(quota))  # the limiter decrements with INCRBYFLOAT
     return figures
 
 

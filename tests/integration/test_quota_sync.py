@@ -38,9 +38,6 @@ class FixedClock:
     def now(self) -> datetime:
         return SYNCED_AT
 
-    def real_seconds(self, clock_seconds: float) -> float:
-        return clock_seconds
-
 
 @dataclass
 class Provider:

@@ -79,24 +79,6 @@ def test_compressed_clock_start_in_another_zone_is_the_same_instant(fake_time: F
     assert clock.now().utcoffset() == timedelta(0)
 
 
-@pytest.mark.parametrize(
-    ("speed", "clock_seconds", "wall_seconds"),
-    [(1.0, 60.0, 60.0), (60.0, 3600.0, 60.0), (3600.0, 86400.0, 24.0), (0.5, 10.0, 20.0), (120.0, 0.0, 0.0)],
-)
-def test_real_seconds(speed: float, clock_seconds: float, wall_seconds: float) -> None:
-    clock = CompressedClock(START, 0.0, speed)
-    assert clock.real_seconds(clock_seconds) == pytest.approx(wall_seconds)
-
-
-def test_wall_time_is_the_inverse_of_time(fake_time: FakeTime) -> None:
-    clock = CompressedClock(START, fake_time.wall, 120.0)
-    target = START.timestamp() + 3600.0  # one clock hour later
-    wall = clock.wall_time(target)
-    assert wall == pytest.approx(fake_time.wall + 30.0)
-    fake_time.wall = wall
-    assert clock.time() == pytest.approx(target)
-
-
 def test_compressed_clock_needs_aware_start_and_positive_speed() -> None:
     with pytest.raises(ValueError, match="aware"):
         CompressedClock(datetime(2025, 1, 1, 12, 0), 0.0, 1.0)
@@ -112,7 +94,6 @@ def test_system_clock() -> None:
     assert now.tzinfo is not None and now.utcoffset() == timedelta(0)
     assert before - timedelta(seconds=1) <= now <= datetime.now(UTC) + timedelta(seconds=1)
     assert abs(clock.time() - now.timestamp()) < 5
-    assert clock.real_seconds(42.0) == 42.0
 
 
 # --- FileClock ----------------------------------------------------------------------------
@@ -136,7 +117,6 @@ def test_file_clock_reads_the_file(fake_time: FakeTime, tmp_path: Path) -> None:
     assert clock.now() == START
     fake_time.advance(2.0)
     assert clock.time() == pytest.approx(START.timestamp() + 120.0)
-    assert clock.real_seconds(60.0) == pytest.approx(1.0)
 
 
 def test_file_clock_follows_a_rewritten_file(fake_time: FakeTime, tmp_path: Path, check_always: None) -> None:
@@ -152,7 +132,6 @@ def test_file_clock_follows_a_rewritten_file(fake_time: FakeTime, tmp_path: Path
     assert clock.now() == jump
     fake_time.advance(0.5)
     assert clock.now() == jump + timedelta(minutes=30)
-    assert clock.real_seconds(3600.0) == pytest.approx(1.0)
 
     later = datetime(2025, 1, 20, 6, 0, tzinfo=UTC)
     write_clock_file(str(path), later, 2.0, anchor=fake_time.wall - 5.0)
