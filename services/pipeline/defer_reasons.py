@@ -28,6 +28,7 @@ class DeferReason(StrEnum):
     LIMITER_UNAVAILABLE = "limiter_unavailable"  # Redis is down and the policy is fail_closed
     TRANSIENT_ERROR = "transient_error"  # the SMTP server asked to retry later (4xx)
     CIRCUIT_OPEN = "circuit_open"  # too many consecutive transient errors
+    CAMPAIGN_PAUSED = "campaign_paused"  # the campaign is paused: back when it resumes
 
 
 def defer_reason(value: str) -> DeferReason:

@@ -171,6 +171,25 @@ class Settings:
         "MAILER_RELEASE_INTERVAL", 1.0,
         "Wall seconds between two passes of the reconciler's release of parked sends that are due.",
     )
+    # --- delivery guarantees -------------------------------------------------
+    claim_timeout: float = setting(
+        "MAILER_CLAIM_TIMEOUT", 600.0,
+        "Clock seconds after which a send claimed but never finished (sender died, no reply after "
+        "DATA) becomes `unknown`; it is never resent by itself.",
+    )
+    breaker_threshold: int = setting(
+        "MAILER_BREAKER_THRESHOLD", 10,
+        "Consecutive transient SMTP errors that open the circuit breaker of a campaign, or of an "
+        "account (pausing its campaigns) with reason circuit_open.",
+    )
+    transient_max_age: float = setting(
+        "MAILER_TRANSIENT_MAX_AGE", 86400.0,
+        "Clock seconds after its first attempt that a send keeps being retried after 4xx replies.",
+    )
+    reply_rules_file: str = setting(
+        "MAILER_REPLY_RULES_FILE", "",
+        "JSON file of SMTP reply rules put before the defaults (services/sender/smtp_replies.py).",
+    )
     clock_file: str = setting(
         "MAILER_CLOCK_FILE", "",
         "Tests only: a JSON file {start, anchor, speed} driving a compressed clock every process "
@@ -220,7 +239,7 @@ class Settings:
             )
         for name in ("send_commands_partitions", "sender_concurrency", "smtp_pool_size",
                      "max_chunk_recipients", "reconciler_batch_size", "sender_instances",
-                     "transient_max_attempts"):
+                     "transient_max_attempts", "breaker_threshold"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{env_var(name)} must be at least 1")
 

@@ -129,6 +129,12 @@ _CATALOGUE: dict[DeferReason, dict[Language, _Entry]] = {
                 "Too many temporary SMTP errors in a row; sending is on hold."), _EN_RETRY,
                "Sending will continue once the SMTP server accepts mail again.", retry=True),
     ),
+    _R.CAMPAIGN_PAUSED: _entries(
+        _Entry(("Рассылка приостановлена; письма ждут возобновления.",), "",
+               "Рассылка продолжится с того же места после команды «возобновить»."),
+        _Entry(("The campaign is paused; its emails wait for it to resume.",), "",
+               "Sending continues where it stopped once the campaign is resumed."),
+    ),
 }
 
 _LABELS: dict[DeferReason, dict[Language, str]] = {
@@ -143,6 +149,7 @@ _LABELS: dict[DeferReason, dict[Language, str]] = {
     _R.LIMITER_UNAVAILABLE: {"ru": "сервис лимитов недоступен", "en": "limits service unavailable"},
     _R.TRANSIENT_ERROR: {"ru": "временная ошибка отправки", "en": "temporary sending error"},
     _R.CIRCUIT_OPEN: {"ru": "много ошибок SMTP подряд", "en": "too many SMTP errors in a row"},
+    _R.CAMPAIGN_PAUSED: {"ru": "кампания на паузе", "en": "the campaign is paused"},
 }
 
 _STATUSES: dict[str, dict[Language, str]] = {

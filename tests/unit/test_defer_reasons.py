@@ -20,7 +20,7 @@ def test_the_set() -> None:
     expected = {
         "rate_per_hour", "campaign_rate", "domain_throttle", "daily_limit", "warmup_cap",
         "quota_exhausted", "quota_unknown", "outside_hours", "limiter_unavailable",
-        "transient_error", "circuit_open",
+        "transient_error", "circuit_open", "campaign_paused",
     }
     assert {r.value for r in DeferReason} == expected
     assert len(KNOWN) == len(DeferReason)

@@ -13,7 +13,7 @@ ALTER TABLE campaigns
     ADD CONSTRAINT campaigns_deferral_has_reason
         CHECK (deferred_until IS NULL OR defer_reason <> ''),
     ADD CONSTRAINT campaigns_defer_reason_known
-        CHECK (defer_reason IN ('', 'rate_per_hour', 'campaign_rate', 'domain_throttle', 'daily_limit', 'warmup_cap', 'quota_exhausted', 'quota_unknown', 'outside_hours', 'limiter_unavailable', 'transient_error', 'circuit_open'));
+        CHECK (defer_reason IN ('', 'rate_per_hour', 'campaign_rate', 'domain_throttle', 'daily_limit', 'warmup_cap', 'quota_exhausted', 'quota_unknown', 'outside_hours', 'limiter_unavailable', 'transient_error', 'circuit_open', 'campaign_paused'));
 CREATE INDEX campaigns_deferred_idx ON campaigns (deferred_until) WHERE defer_reason <> '';
 
 -- Sends the limits or the SMTP server turned away, waiting for their time.
@@ -26,7 +26,7 @@ CREATE TABLE parked_sends (
     account      text NOT NULL,
     priority     smallint NOT NULL,
     queued_at    timestamptz NOT NULL,
-    reason       text NOT NULL CHECK (reason IN ('rate_per_hour', 'campaign_rate', 'domain_throttle', 'daily_limit', 'warmup_cap', 'quota_exhausted', 'quota_unknown', 'outside_hours', 'limiter_unavailable', 'transient_error', 'circuit_open')),
+    reason       text NOT NULL CHECK (reason IN ('rate_per_hour', 'campaign_rate', 'domain_throttle', 'daily_limit', 'warmup_cap', 'quota_exhausted', 'quota_unknown', 'outside_hours', 'limiter_unavailable', 'transient_error', 'circuit_open', 'campaign_paused')),
     due_at       timestamptz NOT NULL,
     command      bytea NOT NULL,
     parked_at    timestamptz NOT NULL,
