@@ -17,6 +17,10 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.pipeline.settings import Settings
 
+#: SQL of a campaign's advisory lock key (one parameter: the campaign id). Sends hold it
+#: shared while they talk to SMTP; a pause or cancel takes it exclusively (B5).
+CAMPAIGN_LOCK = "hashtextextended(%s, 7)"
+
 
 async def open_pool(settings: Settings, *, max_size: int = 4, name: str = "mailer") -> AsyncConnectionPool:
     """An opened connection pool to `settings.database_url`."""

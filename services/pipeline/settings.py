@@ -174,8 +174,8 @@ class Settings:
     # --- delivery guarantees -------------------------------------------------
     claim_timeout: float = setting(
         "MAILER_CLAIM_TIMEOUT", 600.0,
-        "Clock seconds after which a send claimed but never finished (sender died, no reply after "
-        "DATA) becomes `unknown`; it is never resent by itself.",
+        "Wall seconds after which a send claimed but never finished (its sender died mid-send) "
+        "becomes `unknown`; it is never resent by itself. Keep it well above MAILER_SMTP_TIMEOUT.",
     )
     breaker_threshold: int = setting(
         "MAILER_BREAKER_THRESHOLD", 10,

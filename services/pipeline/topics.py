@@ -22,6 +22,7 @@ class Topic(StrEnum):
     SEND_OUTCOMES = "mailer.send-outcomes"
     CAMPAIGN_STATUS = "mailer.campaign-status"
     DEAD_LETTERS = "mailer.dead-letters"
+    SUPPRESSIONS = "mailer.suppressions"
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,17 @@ REGISTRY: dict[Topic, TopicSpec] = {
             consumers=("ops",),
             configs={"retention.ms": _MONTH_MS, "cleanup.policy": "delete"},
             description="Messages no service could accept: the reason and the original bytes.",
+        ),
+        TopicSpec(
+            topic=Topic.SUPPRESSIONS,
+            key="email, normalised (trimmed, lower-cased: every change of one address keeps order)",
+            kinds=("suppression.add", "suppression.remove"),
+            partitions=4,
+            producers=("crm", "unsubscribe endpoint"),
+            consumers=("reconciler",),
+            # compacted: the latest add or remove of every address is kept for good
+            configs={"cleanup.policy": "compact"},
+            description="Addresses never to be mailed again (R32) and their removal from that list.",
         ),
     )
 }

@@ -1,17 +1,20 @@
-"""The reconciler service: commands and outcomes in, Postgres projections out.
+"""The reconciler service: commands, outcomes and suppressions in, Postgres projections out.
 
-Contract: two agents read `mailer.campaign-commands` and `mailer.send-outcomes`
-in batches (`settings.reconciler_batch_size` / `_batch_seconds`). Each batch
-is one transaction: projections, counts, completions, audit rows and status
-events (outbox) commit together; the outbox is published after the commit;
-faust acknowledges the batch's offsets only after all of that (faust's `take`
-acks a batch when the loop asks for the next one). Deferred outcomes park their commands
-(`deferrals.park`) and every batch brings the campaigns' queue state up to
-date. Tasks beside the agents: the deferral scheduler (`Releaser`, every
-`MAILER_RELEASE_INTERVAL` s, which first restores the limiter's Redis state
-when it was lost), the provider quota sync and the warm-up steps. Invalid
-messages go to the dead-letter topic. Postgres or broker outages are waited
-out and retried. The poll endpoint is served on `settings.http_port`.
+Contract: three agents read `mailer.campaign-commands`, `mailer.send-outcomes`
+and `mailer.suppressions` in batches (`settings.reconciler_batch_size` /
+`_batch_seconds`). Each batch is one transaction: projections, counts,
+completions, audit rows and status events (outbox) commit together; the
+outbox is published after the commit; faust acknowledges the batch's offsets
+only after all of that (faust's `take` acks a batch when the loop asks for the
+next one). Outcome batches also park deferred commands (`deferrals.park`),
+count transient errors into the circuit breakers (pausing what they open on),
+add hard bounces to the suppression list and bring the campaigns' queue state
+up to date. A pause or cancel waits for the campaign's sends in flight.
+Tasks beside the agents: the scheduler (every `MAILER_RELEASE_INTERVAL` s:
+restore the limiter's Redis state if lost, release due parked sends, expire
+claims that never finished), the provider quota sync and the warm-up steps.
+Invalid messages go to the dead-letter topic. Postgres or broker outages are
+waited out and retried. The poll endpoint is served on `settings.http_port`.
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ from services.pipeline.producer import AsyncProducer
 from services.pipeline.retry import retry_transient
 from services.pipeline.settings import Settings
 from services.pipeline.topics import Topic, topic_name
-from services.reconciler import deferrals, projections, status_events
+from services.reconciler import deferrals, projections, status_events, suppressions
 from services.reconciler.campaign_view import CampaignViews
 from services.reconciler.http_api import start_server
 from services.reconciler.limiter_state import restore_if_lost
 from services.reconciler.quota_sync import QuotaSync
 from services.reconciler.release import Releaser
+from services.reconciler.stale_claims import expire_claims
 from services.reconciler.warmup import advance_warmup
 from services.sender.rate_limit import Limiter
 
@@ -59,6 +63,7 @@ class Reconciler:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.status_topic = topic_name(Topic.CAMPAIGN_STATUS, settings)
+        self.outcomes_topic = topic_name(Topic.SEND_OUTCOMES, settings)
         self._write_lock = asyncio.Lock()  # one batch transaction at a time: no deadlocks
         self._started = asyncio.Lock()
         self.stopping = asyncio.Event()  # set first on shutdown: the background loops end
@@ -99,13 +104,18 @@ class Reconciler:
                              LimiterKeys(self.settings.redis_key_prefix))
 
     async def schedule(self) -> None:
-        """One pass of the deferral scheduler: restore the limiter if Redis lost it, release
-        what is due, publish the status events that produced."""
+        """One pass of the scheduler: restore the limiter if Redis lost it, release what is
+        due, expire claims that never finished, publish the events that produced."""
         await self.start()
         assert self.releaser is not None and self.limiter is not None and self.producer is not None
         await restore_if_lost(self.pool, self.limiter, self.accounts, self.clock)
         async with self._write_lock:
             await self.releaser.release_due()
+            async with self.pool.connection() as conn, conn.transaction():
+                expired = await expire_claims(conn, self.settings, self.outcomes_topic)
+        if expired:
+            log.warning("%d claims never finished within %gs: their sends are unknown",
+                        expired, self.settings.claim_timeout)
         await status_events.publish_outbox(self.pool, self.producer)
 
     async def warm_up(self) -> None:
@@ -150,6 +160,13 @@ class Reconciler:
         """Apply one batch of send outcomes."""
         await self._write("send outcomes", batch, self._outcomes_tx)
 
+    async def write_suppressions(self, batch: list[tuple[Any, Message]]) -> None:
+        """Apply one batch of suppression-list changes (R32)."""
+        await self._write("suppressions", batch, self._suppressions_tx)
+
+    async def _suppressions_tx(self, conn: Any, messages: list[Message]) -> None:
+        await suppressions.apply_suppressions(conn, messages)
+
     async def _commands_tx(self, conn: Any, commands: list[Message]) -> None:
         changes, touched = await projections.apply_commands(conn, commands, self.accounts)
         changes += await projections.refresh_campaigns(conn, touched)
@@ -159,7 +176,10 @@ class Reconciler:
     async def _outcomes_tx(self, conn: Any, outcomes: list[Message]) -> None:
         touched = await projections.apply_outcomes(conn, outcomes)
         touched |= await deferrals.park(conn, outcomes)
-        changes = await projections.refresh_campaigns(conn, touched)
+        await suppressions.suppress_hard_bounces(conn, outcomes)
+        changes = await projections.open_breakers(conn, outcomes, self.settings.breaker_threshold)
+        touched |= {c.campaign_id for c in changes}
+        changes += await projections.refresh_campaigns(conn, touched)
         changes += await deferrals.refresh_queue_state(conn, touched)
         await status_events.record(conn, changes, self.status_topic)
 
@@ -227,6 +247,7 @@ def create_reconciler_app(settings: Settings) -> faust.App:
 
     batch_agent(Topic.CAMPAIGN_COMMANDS, reconciler.write_commands, "project-campaign-commands")
     batch_agent(Topic.SEND_OUTCOMES, reconciler.write_outcomes, "project-send-outcomes")
+    batch_agent(Topic.SUPPRESSIONS, reconciler.write_suppressions, "apply-suppressions")
 
     @app.task
     async def serve_poll_endpoint() -> None:

@@ -32,6 +32,7 @@ from services.pipeline.db import fetch_dicts
 from services.pipeline.limiter_keys import LimiterKeys
 from services.pipeline.settings import Settings
 from services.pipeline.working_hours import WorkingHours, local_day, next_open_all
+from services.reconciler.circuit_breaker import breaker_state
 from services.reconciler.eta import EtaInputs, deadline_warning
 from services.reconciler.eta import estimate as estimate_eta
 from services.reconciler.reason_texts import Language, defer_text, hours_text, status_text
@@ -101,6 +102,7 @@ async def campaign_view(
             for f in failed
         ],
         "failed_recipients_truncated": c["failed"] > len(failed),
+        "circuit_breaker": await breaker_state(conn, campaign_id),
         **{k: _iso(c[k]) for k in _TIMESTAMPS},
     }
 

@@ -19,7 +19,9 @@ from psycopg.types.json import Jsonb
 
 from services.pipeline.accounts import Accounts
 from services.pipeline.contract import Message
+from services.pipeline.db import CAMPAIGN_LOCK
 from services.pipeline.ids import send_id
+from services.reconciler import circuit_breaker
 
 TERMINAL = ("sent", "failed", "skipped", "unknown", "cancelled")
 OUTCOME_STATUS = {
@@ -119,15 +121,19 @@ async def _chunk(conn: AsyncConnection, chunk: Message) -> None:
         return  # a replayed chunk
     await conn.execute(
         """
-        INSERT INTO recipients (send_id, campaign_id, email, name)
-        SELECT s, %s, e, n FROM unnest(%s::uuid[], %s::text[], %s::text[]) AS t(s, e, n)
+        INSERT INTO recipients (send_id, campaign_id, email, name, data, status)
+        SELECT s, %s, e, n, d,
+               CASE WHEN (SELECT status FROM campaigns WHERE campaign_id = %s) = 'cancelled'
+                    THEN 'cancelled' ELSE 'pending' END
+        FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::jsonb[]) AS t(s, e, n, d)
         ON CONFLICT (send_id) DO NOTHING
         """,
         (
-            campaign_id,
+            campaign_id, campaign_id,
             [send_id(campaign_id, r["email"]) for r in recipients],
             [r["email"].strip() for r in recipients],
             [r.get("name", "") or "" for r in recipients],
+            [Jsonb(r) for r in recipients],
         ),
     )
     await conn.execute(
@@ -147,7 +153,29 @@ _TRANSITIONS: dict[str, tuple[str, tuple[str, ...], str]] = {
 
 async def _transition(conn: AsyncConnection, command: Message) -> list[StatusChange]:
     action, from_statuses, to_status = _TRANSITIONS[command["kind"]]
-    reason = command.get("reason") or f"{action} requested"
+    change = await change_status(
+        conn, command["campaign_id"], action, from_statuses, to_status,
+        reason=command.get("reason") or f"{action} requested", actor=command["actor_id"],
+        source_message_id=command["message_id"],
+    )
+    if change is not None and action == "resume":
+        await circuit_breaker.reset(conn, command["campaign_id"])
+    return [] if change is None else [change]
+
+
+async def change_status(
+    conn: AsyncConnection, campaign_id: str, action: str, from_statuses: tuple[str, ...],
+    to_status: str, *, reason: str, actor: str, source_message_id: str | None = None,
+) -> StatusChange | None:
+    """Move a campaign from one of `from_statuses` to `to_status`; None when it was not in one.
+
+    A pause or cancel first waits for the campaign's sends in flight (they hold its
+    advisory lock shared while they talk to SMTP, services/sender/claims.py), so every
+    send after this commit sees the new status. A cancel ends every recipient not sent
+    yet as `cancelled`.
+    """
+    if to_status in ("paused", "cancelled"):
+        await conn.execute(f"SELECT pg_advisory_xact_lock({CAMPAIGN_LOCK})", (campaign_id,))
     cur = await conn.execute(
         """
         UPDATE campaigns c SET status = %s, status_reason = %s, updated_at = now()
@@ -155,22 +183,53 @@ async def _transition(conn: AsyncConnection, command: Message) -> list[StatusCha
         WHERE c.campaign_id = old.campaign_id AND old.status = ANY(%s)
         RETURNING old.status
         """,
-        (to_status, reason, command["campaign_id"], list(from_statuses)),
+        (to_status, reason, campaign_id, list(from_statuses)),
     )
     row = await cur.fetchone()
     if row is None:
-        return []
-    return [
-        StatusChange(
-            campaign_id=command["campaign_id"], before=row[0], after=to_status,
-            actor=command["actor_id"], action=action, reason=reason,
-            source_message_id=command["message_id"],
+        return None
+    if to_status == "cancelled":
+        await conn.execute(
+            "UPDATE recipients SET status = 'cancelled', updated_at = now()"
+            " WHERE campaign_id = %s AND status IN ('pending', 'deferred')",
+            (campaign_id,),
         )
+    return StatusChange(
+        campaign_id=campaign_id, before=row[0], after=to_status, actor=actor, action=action,
+        reason=reason, source_message_id=source_message_id,
+    )
+
+
+async def open_breakers(
+    conn: AsyncConnection, outcomes: list[Message], threshold: int
+) -> list[StatusChange]:
+    """Count transient SMTP errors per campaign and account; pause what a breaker opens on (R10).
+
+    An authentication failure (the account's credentials are refused) opens its
+    account's breaker at once.
+    """
+    trips = await circuit_breaker.update_breakers(conn, outcomes, threshold)
+    trips += [
+        circuit_breaker.Trip("account", o["account"], 0, f"{o.get('smtp_code') or ''} "
+                             f"{o.get('smtp_reply') or o.get('reason') or 'authentication failed'}".strip())
+        for o in outcomes if o.get("error_class") == "auth"
     ]
+    changes = []
+    for campaign_id, reason in await circuit_breaker.campaigns_to_pause(conn, trips):
+        change = await change_status(conn, campaign_id, "circuit_open", ("sending",), "paused",
+                                     reason=reason, actor="system")
+        if change is not None:
+            changes.append(change)
+    return changes
 
 
 async def apply_outcomes(conn: AsyncConnection, outcomes: list[Message]) -> set[str]:
-    """Record outcomes in send_log and recipients; return the campaigns they touch."""
+    """Record outcomes in send_log and recipients; return the campaigns they touch.
+
+    A `duplicate` skip (a redelivered command its claim refused) records nothing:
+    the first claim's own outcome says what happened to that send.
+    """
+    outcomes = [o for o in outcomes if o.get("error_class") != "duplicate"]
     if not outcomes:
         return set()
     async with conn.cursor() as cur:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -35,14 +36,17 @@ from services.pipeline import faust_app
 from services.pipeline.accounts import load_accounts
 from services.pipeline.clock import clock_from_settings
 from services.pipeline.contract import InvalidMessage, Message, decode, encode, iso
+from services.pipeline.db import open_pool
 from services.pipeline.dead_letters import DeadLetters
 from services.pipeline.producer import AsyncProducer, DeliveryError
 from services.pipeline.redaction import mask_email
+from services.pipeline.retry import retry_transient
 from services.pipeline.settings import Settings
 from services.pipeline.topics import Topic, topic_name
-from services.sender.deferral import parked_outcome, retry_later
+from services.sender.claims import ClaimResult, Claims, Refusal
+from services.sender.deferral import account_stopped, parked_outcome, refused_outcome, retry_later
 from services.sender.rate_limit import Limiter
-from services.sender.send_gate import Parked, SendGate
+from services.sender.send_gate import Admitted, Parked, SendGate
 from services.sender.send_step import internal_failure, send_one
 from services.sender.smtp_pool import SmtpPools
 from services.sender.smtp_replies import is_slow_down
@@ -50,6 +54,11 @@ from services.sender.smtp_replies import is_slow_down
 log = logging.getLogger(__name__)
 
 SERVICE = "sender"
+#: What a claim records for each outcome kind.
+CLAIM_RESULT: dict[str, ClaimResult] = {
+    "outcome.sent": "sent", "outcome.failed": "failed", "outcome.deferred": "deferred",
+    "outcome.unknown": "unknown", "outcome.skipped": "failed",
+}
 #: Longest pause between two attempts to deliver an outcome or dead letter (s).
 MAX_RETRY_PAUSE = 10.0
 
@@ -64,10 +73,13 @@ class SenderRuntime:
         producer: AsyncProducer | None = None,
         pools: SmtpPools | None = None,
         gate: SendGate | None = None,
+        claims: Claims | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock_from_settings(settings)
         self._gate = gate
+        self._claims = claims
+        self._claims_lock = asyncio.Lock()
         self._producer = producer
         self._pools = pools
         self._dead_letters: DeadLetters | None = None
@@ -87,6 +99,18 @@ class SenderRuntime:
         if self._dead_letters is None:
             self._dead_letters = DeadLetters(self._producer, self.settings, SERVICE)
         return self._producer, self._pools, self._dead_letters, self._gate
+
+    async def claims(self) -> Claims:
+        """The claims of this process (its Postgres pool opened on first use)."""
+        async with self._claims_lock:
+            if self._claims is None:
+                pool = await retry_transient(
+                    lambda: open_pool(self.settings, max_size=self.settings.sender_concurrency + 2,
+                                      name=SERVICE),
+                    what="sender database pool",
+                )
+                self._claims = Claims(pool, f"{self.settings.app_id(SERVICE)}/{os.getpid()}")
+            return self._claims
 
     async def handle(
         self,
@@ -118,7 +142,7 @@ class SenderRuntime:
             return None
         started = time.monotonic()
         try:
-            outcome = await self._send(command, gate, pools, started)
+            outcome = await self._send(command, gate, await self.claims(), pools, started)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -140,19 +164,36 @@ class SenderRuntime:
         return outcome
 
     async def _send(
-        self, command: Message, gate: SendGate, pools: SmtpPools, started: float
+        self, command: Message, gate: SendGate, claims: Claims, pools: SmtpPools, started: float
     ) -> Message:
-        """Admit, send and account for one command; return its outcome."""
+        """Admit, claim, send and account for one command; return its outcome."""
         admission = await gate.admit(command)
         if isinstance(admission, Parked):
             return parked_outcome(command, self.settings, admission.reason, admission.until, started)
         request = admission.request
-        try:
-            outcome = await send_one(command, pools, self.settings)
-        except Exception:  # before the payload went out (send_one's contract): nothing was sent
-            if request is not None:
-                await gate.limiter.refund(request)
-            raise
+        async with claims.hold(command) as claim:
+            if isinstance(claim, Refusal):
+                if request is not None:
+                    await gate.limiter.refund(request)
+                return refused_outcome(command, self.settings, claim, self.clock.now(), started)
+            try:
+                outcome = await send_one(command, pools, self.settings)
+            except Exception:  # before the payload went out (send_one's contract): nothing was sent
+                if request is not None:
+                    await gate.limiter.refund(request)
+                await claim.finish("failed")
+                raise
+            outcome = await self._account_for(command, gate, admission, outcome, started)
+            await claim.finish(CLAIM_RESULT[outcome["kind"]])
+            return outcome
+
+    async def _account_for(
+        self, command: Message, gate: SendGate, admission: Admitted, outcome: Message,
+        started: float,
+    ) -> Message:
+        """Give tokens back for a send the provider did not count, adapt the rate, and turn a
+        transient failure into a deferred retry while attempts remain."""
+        request = admission.request
         if request is None:
             return outcome
         if outcome["kind"] == "outcome.sent":
@@ -162,6 +203,8 @@ class SenderRuntime:
         if outcome["kind"] != "outcome.failed":
             return outcome  # unknown: the provider may have counted it; keep the tokens
         await gate.limiter.refund(request)
+        if outcome["error_class"] == "auth":  # the account is refused, not the recipient
+            return account_stopped(command, outcome, self.settings, self.clock.now(), started)
         if outcome["error_class"] != "transient":
             return outcome
         if is_slow_down(outcome["smtp_code"], outcome["smtp_reply"]):
@@ -176,6 +219,8 @@ class SenderRuntime:
             await self._pools.close()
         if self._gate is not None:
             await self._gate.limiter.close()
+        if self._claims is not None:
+            await self._claims.pool.close()
         if self._producer is not None:
             await self._producer.close()
         log.info("sender closed its SMTP pools and outcome producer")

@@ -7,7 +7,8 @@ decides what a 4xx reply leads to: while attempts remain, an
 `outcome.deferred` (reason `transient_error`) whose embedded command is the
 next attempt, due after exponential backoff with jitter, or after the delay
 the reply names; once they are used up, None (the 4xx outcome stands).
-Times are clock times; nothing here sleeps.
+`refused_outcome()` is the outcome of a send its claim refused (paused,
+cancelled, suppressed, duplicate). Times are clock times; nothing here sleeps.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from services.pipeline.contract import Message, iso
 from services.pipeline.defer_reasons import DeferReason
 from services.pipeline.settings import Settings
+from services.sender.claims import Refusal
 from services.sender.send_step import Outcomes
 from services.sender.smtp_replies import retry_after
 
@@ -71,4 +73,42 @@ def retry_later(
         defer_reason=DeferReason.TRANSIENT_ERROR.value,
         deferred_until=iso(until),
         command=retry,
+    )
+
+
+def refused_outcome(
+    command: Mapping[str, Any], settings: Settings, refusal: Refusal, now: datetime, started: float
+) -> Message:
+    """The outcome of a send its claim refused: nothing went to SMTP.
+
+    A paused campaign's send is parked (`campaign_paused`, due now: released
+    once the campaign resumes); a cancelled campaign's, a suppressed address's
+    and a duplicate command's are `outcome.skipped` with that error_class (the
+    projections ignore `duplicate`: the first claim's outcome tells the truth).
+    """
+    if refusal.reason == "paused":
+        return parked_outcome(command, settings, DeferReason.CAMPAIGN_PAUSED, now, started)
+    return Outcomes(command, settings, started).build(
+        "skipped", error_class=refusal.reason, reason=refusal.detail
+    )
+
+
+def account_stopped(
+    command: Mapping[str, Any], failed: Message, settings: Settings, now: datetime, started: float
+) -> Message:
+    """The send whose SMTP account was refused (AUTH failed): parked, not failed.
+
+    The recipient is not at fault: the send waits with `circuit_open` while the
+    reconciler opens the account's breaker (pausing its campaigns) on seeing it,
+    and goes out once the campaign is resumed.
+    """
+    return Outcomes(command, settings, started).build(
+        "deferred",
+        code=failed.get("smtp_code"),
+        reply=failed.get("smtp_reply") or "",
+        error_class="auth",
+        reason=f"the SMTP account refused our credentials: {failed.get('reason') or ''}".strip(),
+        defer_reason=DeferReason.CIRCUIT_OPEN.value,
+        deferred_until=iso(now),
+        command=dict(command),
     )

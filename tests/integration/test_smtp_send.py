@@ -393,8 +393,9 @@ class FakeProducer:
         pass
 
 
-async def runtime(settings: Settings, producer: FakeProducer) -> SenderRuntime:
-    """A sender runtime on the real SMTP server and Redis (limiter state initialised)."""
+async def runtime(settings: Settings, producer: FakeProducer, database_url: str) -> SenderRuntime:
+    """A sender runtime on the real SMTP server, Redis (limiter state initialised) and Postgres."""
+    settings = replace(settings, database_url=database_url)
     pools = SmtpPools.from_settings(settings)
     limiter = Limiter.from_settings(settings)
     await limiter.init_epoch()
@@ -403,12 +404,12 @@ async def runtime(settings: Settings, producer: FakeProducer) -> SenderRuntime:
 
 
 async def test_runtime_produces_outcome_keyed_by_send_id(
-    smtpd: Callable[..., tuple[Handler, int]],
+    smtpd: Callable[..., tuple[Handler, int]], database_url: str,
 ) -> None:
     _, port = smtpd()
     settings = make_settings(port, topic_prefix="rt.")
     producer = FakeProducer(fail=1)  # the first delivery fails and is retried
-    rt = await runtime(settings, producer)
+    rt = await runtime(settings, producer, database_url)
     cmd = command()
     try:
         outcome = await rt.handle(
@@ -425,12 +426,12 @@ async def test_runtime_produces_outcome_keyed_by_send_id(
 
 
 async def test_runtime_dead_letters_invalid_commands(
-    smtpd: Callable[..., tuple[Handler, int]],
+    smtpd: Callable[..., tuple[Handler, int]], database_url: str,
 ) -> None:
     _, port = smtpd()
     settings = make_settings(port)
     producer = FakeProducer()
-    rt = await runtime(settings, producer)
+    rt = await runtime(settings, producer, database_url)
     try:
         result = await rt.handle(
             topic="mailer.send-commands", partition=1, offset=42, key=b"k", value=b"not json"
@@ -450,13 +451,14 @@ async def test_runtime_dead_letters_invalid_commands(
 
 async def test_runtime_turns_unexpected_errors_into_internal_failures(
     smtpd: Callable[..., tuple[Handler, int]],
+    database_url: str,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     _, port = smtpd()
     settings = make_settings(port)
     producer = FakeProducer()
-    rt = await runtime(settings, producer)
+    rt = await runtime(settings, producer, database_url)
     cmd = command("carol.secret@example.com")
 
     async def broken(command: dict[str, Any], pools: SmtpPools, settings: Settings) -> Any:

@@ -1,0 +1,138 @@
+"""The durable claim every send takes before SMTP, and the campaign gate it passes (R29, B5).
+
+Contract: `Claims.hold(command)` is an async context manager that yields
+either a `Claim` (this process may hand the message to SMTP) or a `Refusal`
+(it must not). While it is held, the send keeps a shared advisory lock on its
+campaign; a pause or cancel takes the same lock exclusively before changing the
+campaign's status (services/reconciler/projections.py), so it waits for sends
+in flight and every send that starts after it sees the new status: once a
+pause is acknowledged, nothing more of that campaign reaches SMTP.
+
+In one transaction it reads the campaign's status (paused → `paused`,
+cancelled → `cancelled`), the suppression list (`suppressed`), and inserts the
+claim row `(send_id, attempt)`; if that row exists (a redelivered, replayed or
+rebalanced command) the answer is `duplicate` and nothing is sent. The claim
+is committed before SMTP is spoken to, so it survives a crash of any one
+component; `Claim.finish(result)` records the result after it. A claim left
+without a result becomes `unknown` after MAILER_CLAIM_TIMEOUT
+(services/reconciler/stale_claims.py) and is never sent again by itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from services.pipeline.db import CAMPAIGN_LOCK
+from services.pipeline.ids import normalize_email
+
+log = logging.getLogger(__name__)
+
+RefusalReason = Literal["paused", "cancelled", "suppressed", "duplicate"]
+ClaimResult = Literal["sent", "failed", "deferred", "unknown"]
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why the send must not go to SMTP now."""
+
+    reason: RefusalReason
+    detail: str
+
+
+class Claim:
+    """The right, recorded in Postgres, to hand one (send, attempt) to SMTP once."""
+
+    def __init__(self, conn: AsyncConnection, send_id: str, attempt: int) -> None:
+        self._conn = conn
+        self.send_id = send_id
+        self.attempt = attempt
+
+    async def finish(self, result: ClaimResult) -> None:
+        """Record what SMTP said; a failure here only leaves the claim to the timeout."""
+        try:
+            async with self._conn.transaction():
+                await self._conn.execute(
+                    "UPDATE send_claims SET result = %s, finished_at = now()"
+                    " WHERE send_id = %s AND attempt = %s AND result IS NULL",
+                    (result, self.send_id, self.attempt),
+                )
+        except Exception as exc:  # the outcome still goes out; the projection has the truth
+            log.warning("could not record the result of claim %s/%s: %s",
+                        self.send_id, self.attempt, type(exc).__name__)
+
+
+class Claims:
+    """Claims of one sender process (`owner` names it in the claim rows)."""
+
+    def __init__(self, pool: AsyncConnectionPool, owner: str) -> None:
+        self.pool = pool
+        self.owner = owner
+
+    @contextlib.asynccontextmanager
+    async def hold(self, command: Mapping[str, Any]) -> AsyncIterator[Claim | Refusal]:
+        """Claim `command` for SMTP, holding the campaign's shared lock until the block ends."""
+        campaign_id = command["campaign_id"]
+        async with self.pool.connection() as conn:
+            await conn.execute(f"SELECT pg_advisory_lock_shared({CAMPAIGN_LOCK})", (campaign_id,))
+            await conn.commit()
+            try:
+                yield await self._take(conn, command)
+            finally:
+                await _unlock(conn, campaign_id)
+
+    async def _take(self, conn: AsyncConnection, command: Mapping[str, Any]) -> Claim | Refusal:
+        send_id, attempt = command["send_id"], int(command["attempt"])
+        async with conn.transaction():
+            cur = await conn.execute(
+                "SELECT status FROM campaigns WHERE campaign_id = %s", (command["campaign_id"],)
+            )
+            row = await cur.fetchone()
+            if row is not None and row[0] in ("paused", "cancelled"):
+                return Refusal(row[0], f"campaign {command['campaign_id']} is {row[0]}")
+            cur = await conn.execute(
+                "SELECT reason FROM suppressions WHERE email = %s",
+                (normalize_email(command["recipient"]["email"]),),
+            )
+            row = await cur.fetchone()
+            if row is not None:
+                return Refusal("suppressed", f"address suppressed: {row[0]}")
+            cur = await conn.execute(
+                """
+                INSERT INTO send_claims (send_id, attempt, campaign_id, account, recipient, is_test,
+                                         claimed_by)
+                VALUES (%s, %s, %s, %s, %s, %s, %s)
+                ON CONFLICT (send_id, attempt) DO NOTHING
+                RETURNING 1
+                """,
+                (send_id, attempt, command["campaign_id"], command["account"],
+                 command["recipient"]["email"], command["is_test"], self.owner),
+            )
+            if await cur.fetchone() is not None:
+                return Claim(conn, send_id, attempt)
+            cur = await conn.execute(
+                "SELECT claimed_by, claimed_at, result FROM send_claims"
+                " WHERE send_id = %s AND attempt = %s",
+                (send_id, attempt),
+            )
+            by, at, result = await cur.fetchone() or ("?", None, None)
+            return Refusal(
+                "duplicate",
+                f"attempt {attempt} was claimed by {by} at {at} (result: {result or 'none yet'})",
+            )
+
+
+async def _unlock(conn: AsyncConnection, campaign_id: str) -> None:
+    """Release the campaign's shared lock; a connection that cannot is closed (which releases it)."""
+    try:
+        await conn.rollback()
+        await conn.execute(f"SELECT pg_advisory_unlock_shared({CAMPAIGN_LOCK})", (campaign_id,))
+        await conn.commit()
+    except Exception:
+        with contextlib.suppress(Exception):
+            await conn.close()
