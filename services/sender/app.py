@@ -49,11 +49,14 @@ from services.sender.rate_limit import Limiter
 from services.sender.send_gate import Admitted, Parked, SendGate
 from services.sender.send_step import internal_failure, send_one
 from services.sender.smtp_pool import SmtpPools
-from services.sender.smtp_replies import is_slow_down
+from services.sender.smtp_replies import ReplyRules, is_slow_down
 
 log = logging.getLogger(__name__)
 
 SERVICE = "sender"
+#: Failures retried later (R31): 4xx replies, and no connection, a timeout or TLS failing
+#: before the message went out.
+RETRYABLE = ("transient", "connection", "timeout", "tls")
 #: What a claim records for each outcome kind.
 CLAIM_RESULT: dict[str, ClaimResult] = {
     "outcome.sent": "sent", "outcome.failed": "failed", "outcome.deferred": "deferred",
@@ -77,6 +80,7 @@ class SenderRuntime:
     ) -> None:
         self.settings = settings
         self.clock = clock_from_settings(settings)
+        self.reply_rules = ReplyRules.from_settings(settings)
         self._gate = gate
         self._claims = claims
         self._claims_lock = asyncio.Lock()
@@ -177,7 +181,7 @@ class SenderRuntime:
                     await gate.limiter.refund(request)
                 return refused_outcome(command, self.settings, claim, self.clock.now(), started)
             try:
-                outcome = await send_one(command, pools, self.settings)
+                outcome = await send_one(command, pools, self.settings, self.reply_rules)
             except Exception:  # before the payload went out (send_one's contract): nothing was sent
                 if request is not None:
                     await gate.limiter.refund(request)
@@ -205,7 +209,7 @@ class SenderRuntime:
         await gate.limiter.refund(request)
         if outcome["error_class"] == "auth":  # the account is refused, not the recipient
             return account_stopped(command, outcome, self.settings, self.clock.now(), started)
-        if outcome["error_class"] != "transient":
+        if outcome["error_class"] not in RETRYABLE:
             return outcome
         if is_slow_down(outcome["smtp_code"], outcome["smtp_reply"]):
             await gate.limiter.feedback(request.account, request.domain_group, slow_down=True)

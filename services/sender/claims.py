@@ -31,6 +31,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.pipeline.db import CAMPAIGN_LOCK
 from services.pipeline.ids import normalize_email
+from services.pipeline.retry import retry_transient
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +77,29 @@ class Claims:
 
     @contextlib.asynccontextmanager
     async def hold(self, command: Mapping[str, Any]) -> AsyncIterator[Claim | Refusal]:
-        """Claim `command` for SMTP, holding the campaign's shared lock until the block ends."""
-        campaign_id = command["campaign_id"]
-        async with self.pool.connection() as conn:
-            await conn.execute(f"SELECT pg_advisory_lock_shared({CAMPAIGN_LOCK})", (campaign_id,))
+        """Claim `command` for SMTP, holding the campaign's shared lock until the block ends.
+
+        A Postgres outage is waited out (nothing can be claimed without it): the
+        claim is retried with capped backoff until Postgres answers.
+        """
+        conn, verdict = await retry_transient(lambda: self._open(command), what="claiming a send")
+        try:
+            yield verdict
+        finally:
+            await _unlock(conn, command["campaign_id"])
+            await self.pool.putconn(conn)
+
+    async def _open(self, command: Mapping[str, Any]) -> tuple[AsyncConnection, Claim | Refusal]:
+        conn = await self.pool.getconn()
+        try:
+            await conn.execute(f"SELECT pg_advisory_lock_shared({CAMPAIGN_LOCK})",
+                               (command["campaign_id"],))
             await conn.commit()
-            try:
-                yield await self._take(conn, command)
-            finally:
-                await _unlock(conn, campaign_id)
+            return conn, await self._take(conn, command)
+        except BaseException:
+            await _unlock(conn, command["campaign_id"])
+            await self.pool.putconn(conn)
+            raise
 
     async def _take(self, conn: AsyncConnection, command: Mapping[str, Any]) -> Claim | Refusal:
         send_id, attempt = command["send_id"], int(command["attempt"])

@@ -6,7 +6,8 @@ reconciler can park it in Postgres and release it when due. `retry_later()`
 decides what a 4xx reply leads to: while attempts remain, an
 `outcome.deferred` (reason `transient_error`) whose embedded command is the
 next attempt, due after exponential backoff with jitter, or after the delay
-the reply names; once they are used up, None (the 4xx outcome stands).
+the reply names; once they are used up or MAILER_TRANSIENT_MAX_AGE has passed
+since the first attempt, None (the 4xx outcome stands).
 `refused_outcome()` is the outcome of a send its claim refused (paused,
 cancelled, suppressed, duplicate). Times are clock times; nothing here sleeps.
 """
@@ -54,6 +55,10 @@ def retry_later(
     attempt = int(command["attempt"])
     if attempt >= settings.transient_max_attempts:
         return None
+    first = command.get("first_attempt_at")
+    if first and (now - datetime.fromisoformat(first.replace("Z", "+00:00"))).total_seconds() \
+            > settings.transient_max_age:
+        return None  # retried for long enough: the 4xx stands
     asked = retry_after(failed.get("smtp_reply") or "")
     if asked is None:
         base = settings.transient_retry_seconds * 2 ** (attempt - 1)

@@ -5,8 +5,10 @@ email through the account's SMTP pool and returns exactly one outcome message
 (`contract.envelope`, fields per docs/ARCHITECTURE.md):
 
 - a 2xx reply to the payload → `outcome.sent` with that reply's code and text;
-- a 5xx reply at MAIL, RCPT or DATA → `outcome.failed`, error_class `permanent`;
-- a 4xx reply → `outcome.failed`, error_class `transient` (retries come later);
+- a 4xx or 5xx reply at MAIL, RCPT or DATA → `outcome.failed` whose error_class
+  the reply rules give (services/sender/smtp_replies.py): `permanent` (with
+  `hard_bounce` when the address itself is bad), `transient` (the caller
+  retries it), or `auth` when the account is refused;
 - a template that does not render → `outcome.failed`, `template_error`;
 - an address the message cannot carry → `outcome.failed`, `invalid_address`;
 - an account with no pool → `outcome.failed`, `unknown_account`;
@@ -36,18 +38,24 @@ from services.pipeline.settings import Settings
 from services.sender.message import MessageError, build_message
 from services.sender.render import TemplateError, render_command
 from services.sender.smtp_pool import PooledSMTP, SmtpConnectError, SmtpPools, UnknownAccount
+from services.sender.smtp_replies import ReplyRules
 
 NO_REPLY_AFTER_DATA = "no_reply_after_data"
+DEFAULT_REPLY_RULES = ReplyRules.defaults()
 MAX_TEXT = 2000
 
 
 class Outcomes:
     """Builds the outcomes of one command, measuring time from its creation."""
 
-    def __init__(self, command: Mapping[str, Any], settings: Settings, started: float) -> None:
+    def __init__(
+        self, command: Mapping[str, Any], settings: Settings, started: float,
+        rules: ReplyRules | None = None,
+    ) -> None:
         self.command = command
         self.settings = settings
         self.started = started
+        self.rules = rules or DEFAULT_REPLY_RULES
 
     def build(
         self,
@@ -86,12 +94,18 @@ class Outcomes:
         return self.build("failed", code=code, reply=reply, error_class=error_class, reason=reason)
 
     def by_reply(self, step: str, code: int, reply: str) -> Message:
-        """The outcome of a negative SMTP reply at `step`."""
-        if 500 <= code <= 599:
-            return self.failed("permanent", f"{step} refused with {code}", code, reply)
-        if 400 <= code <= 499:
-            return self.failed("transient", f"{step} refused with {code}", code, reply)
-        return self.failed("protocol", f"{step} got an unexpected reply {code}", code, reply)
+        """The outcome of a negative SMTP reply at `step`, classified by the reply rules (R31)."""
+        if not 400 <= code <= 599:
+            return self.failed("protocol", f"{step} got an unexpected reply {code}", code, reply)
+        verdict = self.rules.classify(code, reply)
+        error_class = {"permanent": "permanent", "transient": "transient",
+                       "account_stop": "auth"}[verdict.reply_class]
+        outcome = self.failed(
+            error_class, f"{step} refused with {code} ({verdict.rule})", code, reply
+        )
+        if verdict.hard_bounce:
+            outcome["hard_bounce"] = True
+        return outcome
 
 
 def internal_failure(
@@ -103,9 +117,12 @@ def internal_failure(
     )
 
 
-async def send_one(command: Mapping[str, Any], pools: SmtpPools, settings: Settings) -> Message:
+async def send_one(
+    command: Mapping[str, Any], pools: SmtpPools, settings: Settings,
+    rules: ReplyRules | None = None,
+) -> Message:
     """Send one command's email; return its outcome message."""
-    outcomes = Outcomes(command, settings, time.monotonic())
+    outcomes = Outcomes(command, settings, time.monotonic(), rules)
     try:
         rendered = render_command(command)
     except TemplateError as exc:

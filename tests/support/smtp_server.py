@@ -40,11 +40,17 @@ class RecordingHandler:
     reject: set[str] = field(default_factory=set)
     data_delay: float = 0.0  # seconds to wait before answering DATA (a slow server)
     slow_down_once: set[str] = field(default_factory=set)  # answered 451 4.7.1 at RCPT, once
+    rcpt_reply: str | None = None  # while set, every RCPT TO gets this reply (e.g. a 4xx storm)
+    rcpt_attempts: Counter[str] = field(default_factory=Counter)  # RCPT TO per address
     received: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           rcpt_options: list[str]) -> str:
+        with self.lock:
+            self.rcpt_attempts[address.lower()] += 1
+        if self.rcpt_reply is not None:
+            return self.rcpt_reply
         if address.lower() in self.reject:
             return REJECT_REPLY
         if address.lower() in self.slow_down_once:

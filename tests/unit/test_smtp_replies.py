@@ -14,6 +14,7 @@ from services.pipeline.settings import Settings
 from services.sender.smtp_replies import (
     DEFAULT_RULES,
     Classification,
+    ReplyClass,
     ReplyRule,
     ReplyRules,
     ReplyRulesError,
@@ -200,7 +201,8 @@ DEFAULTS = ReplyRules.defaults()
         (552, "5.2.2 mailbox full", "permanent", "mailbox_full", False, None),
         (552, "5.2.2 <x@example.com>: Mailbox is full / Blocks limit exceeded / Inode limit exceeded",
          "permanent", "mailbox_full", False, None),
-        (554, "5.2.2 mailbox full; STOREDRV.Deliver.Exception:QuotaExceededException.MapiExceptionShutoffQuotaExceeded",
+        (554, "5.2.2 mailbox full; STOREDRV.Deliver.Exception:QuotaExceededException."
+              "MapiExceptionShutoffQuotaExceeded",
          "permanent", "mailbox_full", False, None),
         (550, "Mailbox quota exceeded", "permanent", "mailbox_full", False, None),
         (554, "5.7.1 Message rejected as spam", "permanent", "policy_rejected", False, None),
@@ -218,7 +220,8 @@ DEFAULTS = ReplyRules.defaults()
         (554, "5.7.1 rate limit exceeded, try again later", "permanent", "policy_rejected", False, None),
         (554, "Transaction failed", "permanent", "permanent_5xx", False, None),
         (552, "5.3.4 Message size exceeds fixed limit", "permanent", "permanent_5xx", False, None),
-        (550, "5.5.0 Requested action not taken: mailbox unavailable", "permanent", "permanent_5xx", False, None),
+        (550, "5.5.0 Requested action not taken: mailbox unavailable",
+         "permanent", "permanent_5xx", False, None),
         (521, "4.7.0 Try again later", "permanent", "permanent_5xx", False, None),
         (501, "5.5.4 Syntax error in parameters", "permanent", "permanent_5xx", False, None),
         (554, "try again in 30 seconds", "permanent", "permanent_5xx", False, None),  # never retried
@@ -275,9 +278,9 @@ DEFAULTS = ReplyRules.defaults()
     ],
 )
 def test_default_classification(
-    code: int | None, reply: str, reply_class: str, rule: str, hard_bounce: bool, delay: float | None
+    code: int | None, reply: str, reply_class: ReplyClass, rule: str, hard_bounce: bool, delay: float | None
 ) -> None:
-    assert DEFAULTS.classify(code, reply) == Classification(reply_class, rule, hard_bounce, delay)  # type: ignore[arg-type]
+    assert DEFAULTS.classify(code, reply) == Classification(reply_class, rule, hard_bounce, delay)
 
 
 @pytest.mark.parametrize("code", [421, 450, 451, 452, 454, 400, 499])
@@ -380,8 +383,8 @@ def test_defaults_start_with_auth_and_end_with_a_catch_all() -> None:
         ("", "transient", "unknown_error"),
     ],
 )
-def test_classify_error(error_class: str, reply_class: str, rule: str) -> None:
-    assert DEFAULTS.classify_error(error_class) == Classification(reply_class, rule, False, None)  # type: ignore[arg-type]
+def test_classify_error(error_class: str, reply_class: ReplyClass, rule: str) -> None:
+    assert DEFAULTS.classify_error(error_class) == Classification(reply_class, rule, False, None)
 
 
 # --- rules from configuration ---------------------------------------------------------------
@@ -480,7 +483,7 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
         ReplyRules.from_file(missing)
     broken = tmp_path / "broken.json"
     broken.write_text('[{"name": "a",', encoding="utf-8")
-    with pytest.raises(ReplyRulesError, match="not valid JSON: .*line 1"):
+    with pytest.raises(ReplyRulesError, match=r"not valid JSON: .*line 1"):
         ReplyRules.from_file(str(broken))
     with pytest.raises(ValueError):  # a ReplyRulesError is a ValueError
         ReplyRules.from_settings(dataclasses.replace(Settings(), reply_rules_file=missing))
