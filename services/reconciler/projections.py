@@ -4,8 +4,11 @@ Contract: every function here runs inside the caller's transaction and is
 idempotent: applying the same messages twice leaves the tables as applying
 them once. A recipient in a terminal state never moves back; a campaign's
 counts are always recomputed from its recipients (`refresh_campaigns`), never
-incremented. Every status change is returned as a `StatusChange`, which the
-caller records in audit_log and announces on the status topic.
+incremented. The one exception to "terminal never moves back": a recipient
+marked `cancelled` whose send had already gone to SMTP takes that send's
+sent, failed or unknown outcome when it lands. Every status change is
+returned as a `StatusChange`, which the caller records in audit_log and
+announces on the status topic.
 """
 
 from __future__ import annotations
@@ -160,6 +163,12 @@ async def _transition(conn: AsyncConnection, command: Message) -> list[StatusCha
     )
     if change is not None and action == "resume":
         await circuit_breaker.reset(conn, command["campaign_id"])
+        # what the pause or the SMTP trouble held back goes first, not after its backoff
+        await conn.execute(
+            "UPDATE parked_sends SET due_at = least(due_at, %s) WHERE campaign_id = %s"
+            " AND released_at IS NULL AND reason IN ('campaign_paused', 'circuit_open', 'transient_error')",
+            (command["occurred_at"], command["campaign_id"]),
+        )
     return [] if change is None else [change]
 
 
@@ -264,6 +273,8 @@ async def apply_outcomes(conn: AsyncConnection, outcomes: list[Message]) -> set[
                 error_class = EXCLUDED.error_class,
                 updated_at = now()
             WHERE r.status NOT IN ('sent', 'failed', 'skipped', 'unknown', 'cancelled')
+               -- a send handed to SMTP before its campaign was cancelled tells the truth
+               OR (r.status = 'cancelled' AND EXCLUDED.status IN ('sent', 'failed', 'unknown'))
             """,
             [
                 (

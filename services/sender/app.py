@@ -150,16 +150,7 @@ class SenderRuntime:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error(
-                "internal error sending %s (campaign %s, to %s): %s\n%s",
-                command["send_id"], command["campaign_id"],
-                mask_email(command["recipient"]["email"]), type(exc).__name__,
-                "".join(traceback.format_tb(exc.__traceback__)),
-            )
-            outcome = internal_failure(
-                command, self.settings, f"internal error: {type(exc).__name__}", started
-            )
-        outcome["occurred_at"] = iso(self.clock.now())
+            outcome = self._internal_failure(command, exc, started)
         payload = encode(outcome)
         send_id = command["send_id"].encode("ascii")
         await _until_delivered(
@@ -173,23 +164,49 @@ class SenderRuntime:
         """Admit, claim, send and account for one command; return its outcome."""
         admission = await gate.admit(command)
         if isinstance(admission, Parked):
-            return parked_outcome(command, self.settings, admission.reason, admission.until, started)
+            return self._stamped(
+                parked_outcome(command, self.settings, admission.reason, admission.until, started)
+            )
         request = admission.request
         async with claims.hold(command) as claim:
             if isinstance(claim, Refusal):
                 if request is not None:
                     await gate.limiter.refund(request)
-                return refused_outcome(command, self.settings, claim, self.clock.now(), started)
+                if claim.outcome is not None:  # this send was done: say again what happened
+                    return decode(claim.outcome, Topic.SEND_OUTCOMES)
+                return self._stamped(
+                    refused_outcome(command, self.settings, claim, self.clock.now(), started)
+                )
             try:
                 outcome = await send_one(command, pools, self.settings, self.reply_rules)
-            except Exception:  # before the payload went out (send_one's contract): nothing was sent
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # before the payload went out (send_one's contract)
                 if request is not None:
                     await gate.limiter.refund(request)
-                await claim.finish("failed")
-                raise
-            outcome = await self._account_for(command, gate, admission, outcome, started)
-            await claim.finish(CLAIM_RESULT[outcome["kind"]])
+                outcome = self._internal_failure(command, exc, started)
+            else:
+                outcome = self._stamped(
+                    await self._account_for(command, gate, admission, outcome, started)
+                )
+            await claim.finish(CLAIM_RESULT[outcome["kind"]], encode(outcome))
             return outcome
+
+    def _stamped(self, outcome: Message) -> Message:
+        """The outcome with its time on this service's clock."""
+        outcome["occurred_at"] = iso(self.clock.now())
+        return outcome
+
+    def _internal_failure(self, command: Message, exc: Exception, started: float) -> Message:
+        """`outcome.failed` (error_class `internal`) for an unexpected error, logged with its stack."""
+        log.error(
+            "internal error sending %s (campaign %s, to %s): %s\n%s",
+            command["send_id"], command["campaign_id"], mask_email(command["recipient"]["email"]),
+            type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__)),
+        )
+        return self._stamped(internal_failure(
+            command, self.settings, f"internal error: {type(exc).__name__}", started
+        ))
 
     async def _account_for(
         self, command: Message, gate: SendGate, admission: Admitted, outcome: Message,

@@ -11,9 +11,11 @@ pause is acknowledged, nothing more of that campaign reaches SMTP.
 In one transaction it reads the campaign's status (paused → `paused`,
 cancelled → `cancelled`), the suppression list (`suppressed`), and inserts the
 claim row `(send_id, attempt)`; if that row exists (a redelivered, replayed or
-rebalanced command) the answer is `duplicate` and nothing is sent. The claim
-is committed before SMTP is spoken to, so it survives a crash of any one
-component; `Claim.finish(result)` records the result after it. A claim left
+rebalanced command) the answer is `duplicate` and nothing is sent; when that
+claim finished, the refusal carries the outcome it produced, so the
+redelivered command repeats it (its sender may have died before the broker had
+it). The claim is committed before SMTP is spoken to, so it survives a crash
+of any one component; `Claim.finish(result, outcome)` records both after it. A claim left
 without a result becomes `unknown` after MAILER_CLAIM_TIMEOUT
 (services/reconciler/stale_claims.py) and is never sent again by itself.
 """
@@ -40,10 +42,11 @@ ClaimResult = Literal["sent", "failed", "deferred", "unknown"]
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why the send must not go to SMTP now."""
+    """Why the send must not go to SMTP now (for a duplicate, the first claim's outcome if any)."""
 
     reason: RefusalReason
     detail: str
+    outcome: bytes | None = None
 
 
 class Claim:
@@ -54,14 +57,15 @@ class Claim:
         self.send_id = send_id
         self.attempt = attempt
 
-    async def finish(self, result: ClaimResult) -> None:
-        """Record what SMTP said; a failure here only leaves the claim to the timeout."""
+    async def finish(self, result: ClaimResult, outcome: bytes) -> None:
+        """Record what SMTP said and the outcome message that says so (a redelivered command
+        produces it again); a failure here only leaves the claim to the timeout."""
         try:
             async with self._conn.transaction():
                 await self._conn.execute(
-                    "UPDATE send_claims SET result = %s, finished_at = now()"
+                    "UPDATE send_claims SET result = %s, outcome = %s, finished_at = now()"
                     " WHERE send_id = %s AND attempt = %s AND result IS NULL",
-                    (result, self.send_id, self.attempt),
+                    (result, outcome, self.send_id, self.attempt),
                 )
         except Exception as exc:  # the outcome still goes out; the projection has the truth
             log.warning("could not record the result of claim %s/%s: %s",
@@ -131,14 +135,15 @@ class Claims:
             if await cur.fetchone() is not None:
                 return Claim(conn, send_id, attempt)
             cur = await conn.execute(
-                "SELECT claimed_by, claimed_at, result FROM send_claims"
+                "SELECT claimed_by, claimed_at, result, outcome FROM send_claims"
                 " WHERE send_id = %s AND attempt = %s",
                 (send_id, attempt),
             )
-            by, at, result = await cur.fetchone() or ("?", None, None)
+            by, at, result, outcome = await cur.fetchone() or ("?", None, None, None)
             return Refusal(
                 "duplicate",
                 f"attempt {attempt} was claimed by {by} at {at} (result: {result or 'none yet'})",
+                None if outcome is None else bytes(outcome),
             )
 
 

@@ -461,7 +461,7 @@ async def test_runtime_turns_unexpected_errors_into_internal_failures(
     rt = await runtime(settings, producer, database_url)
     cmd = command("carol.secret@example.com")
 
-    async def broken(command: dict[str, Any], pools: SmtpPools, settings: Settings) -> Any:
+    async def broken(command: dict[str, Any], pools: SmtpPools, settings: Settings, rules: Any) -> Any:
         raise RuntimeError(f"bug while sending to {command['recipient']['email']}")
 
     monkeypatch.setattr(sender_app, "send_one", broken)

@@ -32,6 +32,7 @@ class ServiceRunner:
         self.log_dir = log_dir
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+        self.started = 0
 
     def env(self) -> dict[str, str]:
         """The environment of a service process."""
@@ -42,7 +43,8 @@ class ServiceRunner:
 
     def start(self, name: str, *extra: str) -> subprocess.Popen[bytes]:
         """Start `mailer name`."""
-        log = self.log_dir / f"{name}-{len(self.procs)}.log"
+        self.started += 1
+        log = self.log_dir / f"{name}-{self.started}.log"
         with log.open("wb") as fh:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "services.pipeline.cli", name, *extra],
@@ -51,6 +53,10 @@ class ServiceRunner:
             )
         self.procs.append((name, proc, log))
         return proc
+
+    def forget(self, proc: subprocess.Popen[bytes]) -> None:
+        """Stop watching a process the test killed on purpose (its log stays)."""
+        self.procs = [entry for entry in self.procs if entry[1] is not proc]
 
     def check_alive(self) -> None:
         """Raise with the log of any service that exited."""

@@ -15,6 +15,7 @@ CREATE TABLE send_claims (
     claimed_by   text NOT NULL,
     claimed_at   timestamptz NOT NULL DEFAULT now(),
     result       text CHECK (result IN ('sent', 'failed', 'deferred', 'unknown')),
+    outcome      bytea,  -- the outcome message produced for it: a redelivered command repeats it
     finished_at  timestamptz,
     PRIMARY KEY (send_id, attempt)
 );
