@@ -72,7 +72,7 @@ def campaign_messages(
 
 
 def lifecycle_message(kind: str, campaign_id: str, actor_id: str, reason: str | None) -> Message:
-    """A validated pause, resume or cancel command."""
+    """A validated pause, resume, cancel or resend command."""
     message = envelope(f"campaign.{kind}", campaign_id=campaign_id, actor_id=actor_id)
     if reason:
         message["reason"] = reason
@@ -158,7 +158,7 @@ def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
     start.add_argument("--campaign", type=Path, required=True, help="campaign JSON file")
     start.add_argument("--recipients", type=Path, required=True, help="recipients CSV file")
     start.add_argument("--chunk-size", type=int, default=1000, help="recipients per chunk (≤1000)")
-    for kind in ("pause", "resume", "cancel"):
+    for kind in ("pause", "resume", "cancel", "resend"):
         p = sub.add_parser(kind, help=f"{kind} a campaign")
         p.add_argument("campaign_id")
         p.add_argument("--actor", required=True, help="who asks (recorded in the audit log)")

@@ -64,6 +64,7 @@ REGISTRY: dict[Topic, TopicSpec] = {
                 "campaign.pause",
                 "campaign.resume",
                 "campaign.cancel",
+                "campaign.resend",
                 "campaign.test_email",
             ),
             partitions=4,

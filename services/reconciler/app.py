@@ -46,6 +46,7 @@ from services.reconciler.http_api import start_server
 from services.reconciler.limiter_state import restore_if_lost
 from services.reconciler.quota_sync import QuotaSync
 from services.reconciler.release import Releaser
+from services.reconciler.resend import resend
 from services.reconciler.stale_claims import expire_claims
 from services.reconciler.warmup import advance_warmup
 from services.sender.rate_limit import Limiter
@@ -64,6 +65,7 @@ class Reconciler:
         self.settings = settings
         self.status_topic = topic_name(Topic.CAMPAIGN_STATUS, settings)
         self.outcomes_topic = topic_name(Topic.SEND_OUTCOMES, settings)
+        self.send_topic = topic_name(Topic.SEND_COMMANDS, settings)
         self._write_lock = asyncio.Lock()  # one batch transaction at a time: no deadlocks
         self._started = asyncio.Lock()
         self.stopping = asyncio.Event()  # set first on shutdown: the background loops end
@@ -169,6 +171,9 @@ class Reconciler:
 
     async def _commands_tx(self, conn: Any, commands: list[Message]) -> None:
         changes, touched = await projections.apply_commands(conn, commands, self.accounts)
+        for command in commands:
+            if command["kind"] == "campaign.resend":
+                changes += await resend(conn, command, self.send_topic)
         changes += await projections.refresh_campaigns(conn, touched)
         changes += await deferrals.refresh_queue_state(conn, touched)
         await status_events.record(conn, changes, self.status_topic)

@@ -258,3 +258,29 @@ def test_postgres_refusing_connections_mid_campaign_is_waited_out(
     assert sum(final.values()) == 1500 and set(final) <= {"sent", "unknown"}
     print(f"\nPostgres refused connections for 5s mid-campaign: {final}, completed "
           f"{recovered:.0f}s after it went down")
+
+
+def test_resend_goes_to_the_failed_recipients_only_once(
+    settings: Settings, services: ServiceRunner, smtp_server: SmtpServer, sql: SQL,
+) -> None:
+    people = recipients(30, domain="again.example.com")
+    refused = [p["email"] for p in people[:3]]
+    for address in refused:  # refused for a policy reason: failed, not a hard bounce
+        smtp_server.reject(address, "554 5.7.1 Message rejected under policy")
+    for name in ("planner", "sender", "reconciler"):
+        services.start(name)
+    asyncio.run(publish_campaign(settings, campaign("again"), people))
+    wait_until("completion", lambda: view(settings, "again").get("status") == "completed", services)
+    assert states(sql, "again") == {"sent": 27, "failed": 3}
+    for address in refused:
+        smtp_server.accept(address)  # the policy problem is solved
+    resend = lifecycle_message("resend", "again", "ops-1", "policy fixed")
+    asyncio.run(publish(settings, [resend, resend]))  # the CRM retried its request
+    wait_until("the resend", lambda: states(sql, "again") == {"sent": 30}, services)
+    wait_until("completion again", lambda: view(settings, "again").get("status") == "completed",
+               services)
+    delivered = smtp_server.delivered()
+    assert len(delivered) == 30 and set(delivered.values()) == {1}  # the 27 were not sent again
+    assert {smtp_server.handler.rcpt_attempts[a.lower()] for a in refused} == {2}
+    assert sql("SELECT recipients FROM resend_requests") == [(3,)]
+    assert sql("SELECT count(*) FROM audit_log WHERE action = 'resend'") == [(1,)]

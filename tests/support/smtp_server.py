@@ -37,7 +37,7 @@ class Received:
 class RecordingHandler:
     """aiosmtpd handler that records deliveries."""
 
-    reject: set[str] = field(default_factory=set)
+    reject: dict[str, str] = field(default_factory=dict)  # address → the reply refusing it
     data_delay: float = 0.0  # seconds to wait before answering DATA (a slow server)
     slow_down_once: set[str] = field(default_factory=set)  # answered 451 4.7.1 at RCPT, once
     rcpt_reply: str | None = None  # while set, every RCPT TO gets this reply (e.g. a 4xx storm)
@@ -52,7 +52,7 @@ class RecordingHandler:
         if self.rcpt_reply is not None:
             return self.rcpt_reply
         if address.lower() in self.reject:
-            return REJECT_REPLY
+            return self.reject[address.lower()]
         if address.lower() in self.slow_down_once:
             self.slow_down_once.discard(address.lower())
             return SLOW_DOWN_REPLY
@@ -83,9 +83,13 @@ class SmtpServer:
     def stop(self) -> None:
         self._controller.stop()
 
-    def reject(self, address: str) -> None:
-        """Answer 550 at RCPT TO for `address`."""
-        self.handler.reject.add(address.lower())
+    def reject(self, address: str, reply: str = REJECT_REPLY) -> None:
+        """Refuse `address` at RCPT TO with `reply` (550 5.1.1 user unknown by default)."""
+        self.handler.reject[address.lower()] = reply
+
+    def accept(self, address: str) -> None:
+        """Stop refusing `address`."""
+        self.handler.reject.pop(address.lower(), None)
 
     def delivered(self) -> Counter[str]:
         """How many times each address received a message."""

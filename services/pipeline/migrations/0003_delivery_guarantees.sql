@@ -41,3 +41,11 @@ CREATE TABLE circuit_breakers (
 
 -- The recipient as the chunk carried it (name, variables): a resend rebuilds its command.
 ALTER TABLE recipients ADD COLUMN data jsonb;
+
+-- Resend commands already carried out (B2): a replayed one does nothing.
+CREATE TABLE resend_requests (
+    message_id   text PRIMARY KEY,
+    campaign_id  text NOT NULL,
+    recipients   integer NOT NULL,
+    requested_at timestamptz NOT NULL DEFAULT now()
+);
