@@ -7,7 +7,7 @@ completions, audit rows and status events (outbox) commit together; the
 outbox is published after the commit; faust acknowledges the batch's offsets
 only after all of that (faust's `take` acks a batch when the loop asks for the
 next one). Outcome batches also park deferred commands (`deferrals.park`),
-count transient errors into the circuit breakers (pausing what they open on),
+pause the campaigns an open circuit breaker covers (the senders count),
 add hard bounces to the suppression list and bring the campaigns' queue state
 up to date. A pause or cancel waits for the campaign's sends in flight.
 Tasks beside the agents: the scheduler (every `MAILER_RELEASE_INTERVAL` s:
@@ -182,7 +182,7 @@ class Reconciler:
         touched = await projections.apply_outcomes(conn, outcomes)
         touched |= await deferrals.park(conn, outcomes)
         await suppressions.suppress_hard_bounces(conn, outcomes)
-        changes = await projections.open_breakers(conn, outcomes, self.settings.breaker_threshold)
+        changes = await projections.pause_open_breakers(conn)
         touched |= {c.campaign_id for c in changes}
         changes += await projections.refresh_campaigns(conn, touched)
         changes += await deferrals.refresh_queue_state(conn, touched)

@@ -27,12 +27,12 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.pipeline.accounts import Account, Accounts, load_accounts
+from services.pipeline.circuit_breaker import breaker_state
 from services.pipeline.clock import Clock, clock_from_settings
 from services.pipeline.db import fetch_dicts
 from services.pipeline.limiter_keys import LimiterKeys
 from services.pipeline.settings import Settings
 from services.pipeline.working_hours import WorkingHours, local_day, next_open_all
-from services.reconciler.circuit_breaker import breaker_state
 from services.reconciler.eta import EtaInputs, deadline_warning
 from services.reconciler.eta import estimate as estimate_eta
 from services.reconciler.reason_texts import Language, defer_text, hours_text, status_text

@@ -20,11 +20,11 @@ from datetime import datetime
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
+from services.pipeline import circuit_breaker
 from services.pipeline.accounts import Accounts
 from services.pipeline.contract import Message
 from services.pipeline.db import CAMPAIGN_LOCK
 from services.pipeline.ids import send_id
-from services.reconciler import circuit_breaker
 
 TERMINAL = ("sent", "failed", "skipped", "unknown", "cancelled")
 OUTCOME_STATUS = {
@@ -209,20 +209,14 @@ async def change_status(
     )
 
 
-async def open_breakers(
-    conn: AsyncConnection, outcomes: list[Message], threshold: int
-) -> list[StatusChange]:
-    """Count transient SMTP errors per campaign and account; pause what a breaker opens on (R10).
+async def pause_open_breakers(conn: AsyncConnection) -> list[StatusChange]:
+    """Pause every sending campaign an open circuit breaker covers, with reason circuit_open (R10).
 
-    An authentication failure (the account's credentials are refused) opens its
-    account's breaker at once.
+    The senders count the errors and open the breakers as they send
+    (services/sender/claims.py) and hold back what an open breaker covers; this
+    makes the pause official: status, audit, event. Resume resets the breakers.
     """
-    trips = await circuit_breaker.update_breakers(conn, outcomes, threshold)
-    trips += [
-        circuit_breaker.Trip("account", o["account"], 0, f"{o.get('smtp_code') or ''} "
-                             f"{o.get('smtp_reply') or o.get('reason') or 'authentication failed'}".strip())
-        for o in outcomes if o.get("error_class") == "auth"
-    ]
+    trips = await circuit_breaker.open_trips(conn)
     changes = []
     for campaign_id, reason in await circuit_breaker.campaigns_to_pause(conn, trips):
         change = await change_status(conn, campaign_id, "circuit_open", ("sending",), "paused",

@@ -189,7 +189,8 @@ class SenderRuntime:
                 outcome = self._stamped(
                     await self._account_for(command, gate, admission, outcome, started)
                 )
-            await claim.finish(CLAIM_RESULT[outcome["kind"]], encode(outcome))
+            await claim.finish(CLAIM_RESULT[outcome["kind"]], outcome, encode(outcome),
+                               self.settings.breaker_threshold)
             return outcome
 
     def _stamped(self, outcome: Message) -> Message:

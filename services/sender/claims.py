@@ -9,7 +9,8 @@ in flight and every send that starts after it sees the new status: once a
 pause is acknowledged, nothing more of that campaign reaches SMTP.
 
 In one transaction it reads the campaign's status (paused → `paused`,
-cancelled → `cancelled`), the suppression list (`suppressed`), and inserts the
+cancelled → `cancelled`), its and its account's circuit breakers (open →
+`breaker`), the suppression list (`suppressed`), and inserts the
 claim row `(send_id, attempt)`; if that row exists (a redelivered, replayed or
 rebalanced command) the answer is `duplicate` and nothing is sent; when that
 claim finished, the refusal carries the outcome it produced, so the
@@ -31,13 +32,15 @@ from typing import Any, Literal
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from services.pipeline import circuit_breaker
+from services.pipeline.contract import Message
 from services.pipeline.db import CAMPAIGN_LOCK
 from services.pipeline.ids import normalize_email
 from services.pipeline.retry import retry_transient
 
 log = logging.getLogger(__name__)
 
-RefusalReason = Literal["paused", "cancelled", "suppressed", "duplicate"]
+RefusalReason = Literal["paused", "cancelled", "breaker", "suppressed", "duplicate"]
 ClaimResult = Literal["sent", "failed", "deferred", "unknown"]
 
 @dataclass(frozen=True)
@@ -57,16 +60,23 @@ class Claim:
         self.send_id = send_id
         self.attempt = attempt
 
-    async def finish(self, result: ClaimResult, outcome: bytes) -> None:
+    async def finish(
+        self, result: ClaimResult, outcome: Message, payload: bytes, breaker_threshold: int
+    ) -> None:
         """Record what SMTP said and the outcome message that says so (a redelivered command
-        produces it again); a failure here only leaves the claim to the timeout."""
+        produces it again), and count it into the circuit breakers (R10): a transient error
+        adds one, a success resets, `threshold` in a row opens; refused credentials open the
+        account's at once. A failure here only leaves the claim to the timeout."""
         try:
             async with self._conn.transaction():
                 await self._conn.execute(
                     "UPDATE send_claims SET result = %s, outcome = %s, finished_at = now()"
                     " WHERE send_id = %s AND attempt = %s AND result IS NULL",
-                    (result, outcome, self.send_id, self.attempt),
+                    (result, payload, self.send_id, self.attempt),
                 )
+                await circuit_breaker.update_breakers(self._conn, [outcome], breaker_threshold)
+                if outcome.get("error_class") == "auth":
+                    await circuit_breaker.open_now(self._conn, outcome["account"])
         except Exception as exc:  # the outcome still goes out; the projection has the truth
             log.warning("could not record the result of claim %s/%s: %s",
                         self.send_id, self.attempt, type(exc).__name__)
@@ -114,6 +124,8 @@ class Claims:
             row = await cur.fetchone()
             if row is not None and row[0] in ("paused", "cancelled"):
                 return Refusal(row[0], f"campaign {command['campaign_id']} is {row[0]}")
+            if await circuit_breaker.is_open(conn, command["campaign_id"], command["account"]):
+                return Refusal("breaker", "circuit breaker open: waiting for the campaign to resume")
             cur = await conn.execute(
                 "SELECT reason FROM suppressions WHERE email = %s",
                 (normalize_email(command["recipient"]["email"]),),

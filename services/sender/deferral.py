@@ -87,12 +87,15 @@ def refused_outcome(
     """The outcome of a send its claim refused: nothing went to SMTP.
 
     A paused campaign's send is parked (`campaign_paused`, due now: released
-    once the campaign resumes); a cancelled campaign's, a suppressed address's
+    once the campaign resumes), so is one behind an open breaker
+    (`circuit_open`: its campaign is being paused); a cancelled campaign's, a suppressed address's
     and a duplicate command's are `outcome.skipped` with that error_class (the
     projections ignore `duplicate`: the first claim's outcome tells the truth).
     """
     if refusal.reason == "paused":
         return parked_outcome(command, settings, DeferReason.CAMPAIGN_PAUSED, now, started)
+    if refusal.reason == "breaker":
+        return parked_outcome(command, settings, DeferReason.CIRCUIT_OPEN, now, started)
     return Outcomes(command, settings, started).build(
         "skipped", error_class=refusal.reason, reason=refusal.detail
     )

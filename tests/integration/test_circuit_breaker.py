@@ -14,9 +14,9 @@ from typing import Any
 import psycopg
 import pytest
 
+from services.pipeline import circuit_breaker
+from services.pipeline.circuit_breaker import Trip
 from services.pipeline.contract import Message, iso
-from services.reconciler import circuit_breaker
-from services.reconciler.circuit_breaker import Trip
 from tests.support.campaigns import outcome
 
 pytestmark = pytest.mark.integration

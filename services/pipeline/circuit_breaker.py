@@ -138,9 +138,12 @@ async def campaigns_to_pause(conn: AsyncConnection, trips: Iterable[Trip]) -> li
 def reason_text(trip: Trip) -> str:
     """The status reason of a campaign paused by `trip`."""
     where = f"on account {trip.key}" if trip.scope == "account" else f"in campaign {trip.key}"
+    if trip.consecutive == 0:  # opened at once: the account's credentials were refused
+        return f"{DeferReason.CIRCUIT_OPEN.value}: the SMTP server refused the credentials {where}"
+    last = f" (last: {trip.last_reply})" if trip.last_reply else ""
     return (
         f"{DeferReason.CIRCUIT_OPEN.value}: {trip.consecutive} consecutive transient SMTP errors"
-        f" {where} (last: {trip.last_reply})"
+        f" {where}{last}"
     )
 
 
@@ -178,3 +181,32 @@ def _view(consecutive: int, opened_at: datetime | None) -> dict[str, Any]:
         "open": opened_at is not None,
         "opened_at": None if opened_at is None else iso(opened_at),
     }
+
+
+async def open_now(conn: AsyncConnection, account: str) -> None:
+    """Open the account's breaker at once (its credentials were refused: account_stop)."""
+    await conn.execute(
+        "INSERT INTO circuit_breakers AS b (scope, key, opened_at) VALUES ('account', %s, now())"
+        " ON CONFLICT (scope, key) DO UPDATE SET opened_at = coalesce(b.opened_at, now()),"
+        " updated_at = now()",
+        (account,),
+    )
+
+
+async def open_trips(conn: AsyncConnection) -> list[Trip]:
+    """Every breaker open now, as the trips that opened it (for pausing what it covers)."""
+    cur = await conn.execute(
+        "SELECT scope, key, consecutive FROM circuit_breakers WHERE opened_at IS NOT NULL"
+        " ORDER BY scope, key"
+    )
+    return [Trip(scope, key, consecutive, "") for scope, key, consecutive in await cur.fetchall()]
+
+
+async def is_open(conn: AsyncConnection, campaign_id: str, account: str) -> bool:
+    """Whether the campaign's or its account's breaker is open."""
+    cur = await conn.execute(
+        "SELECT 1 FROM circuit_breakers WHERE opened_at IS NOT NULL"
+        " AND ((scope = 'campaign' AND key = %s) OR (scope = 'account' AND key = %s))",
+        (campaign_id, account),
+    )
+    return await cur.fetchone() is not None
