@@ -82,6 +82,12 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
 
+def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from services.reconciler.reconcile_job import reconcile_command
+
+    return asyncio.run(reconcile_command(args, settings))
+
+
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from services.pipeline.demo import run_demo
 
@@ -127,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     show = add("show", _show, "show a campaign's status, counts and failed recipients")
     show.add_argument("campaign_id")
     show.add_argument("--json", action="store_true", help="print the poll endpoint's JSON")
+
+    reconcile = add("reconcile", _reconcile,
+                    "check campaigns, queue state, recipients and send log; repair what is safe")
+    reconcile.add_argument("--dry-run", action="store_true", help="report only, change nothing")
+    reconcile.add_argument("--json", action="store_true", help="print the report as JSON")
+    reconcile.add_argument("--stuck-minutes", type=float, default=30.0, metavar="N",
+                           help="a sending campaign with no progress for N minutes is stuck")
 
     demo = add("demo", _demo, "run the whole pipeline on embedded parts with a demo campaign")
     demo.add_argument("--recipients", type=int, default=2000, help="demo campaign size")

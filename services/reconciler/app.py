@@ -12,7 +12,8 @@ add hard bounces to the suppression list and bring the campaigns' queue state
 up to date. A pause or cancel waits for the campaign's sends in flight.
 Tasks beside the agents: the scheduler (every `MAILER_RELEASE_INTERVAL` s:
 restore the limiter's Redis state if lost, release due parked sends, expire
-claims that never finished), the provider quota sync and the warm-up steps.
+claims that never finished), the reconcile job (every 5 minutes), the provider
+quota sync and the warm-up steps.
 Invalid messages go to the dead-letter topic. Postgres or broker outages are
 waited out and retried. The poll endpoint is served on `settings.http_port`.
 """
@@ -45,6 +46,7 @@ from services.reconciler.campaign_view import CampaignViews
 from services.reconciler.http_api import start_server
 from services.reconciler.limiter_state import restore_if_lost
 from services.reconciler.quota_sync import QuotaSync
+from services.reconciler.reconcile_job import reconcile
 from services.reconciler.release import Releaser
 from services.reconciler.resend import resend
 from services.reconciler.stale_claims import expire_claims
@@ -54,6 +56,8 @@ from services.sender.rate_limit import Limiter
 log = logging.getLogger(__name__)
 
 SERVICE = "reconciler"
+#: Wall seconds between two runs of the reconcile job (it scans every recipient).
+RECONCILE_INTERVAL = 300.0
 #: Wall seconds between two warm-up steps (a step changes at most once a local day).
 WARMUP_INTERVAL = 60.0
 
@@ -118,6 +122,19 @@ class Reconciler:
         if expired:
             log.warning("%d claims never finished within %gs: their sends are unknown",
                         expired, self.settings.claim_timeout)
+        await status_events.publish_outbox(self.pool, self.producer)
+
+    async def reconcile(self) -> None:
+        """Check the invariants, repair what is safe, log what is not (R26)."""
+        await self.start()
+        assert self.producer is not None
+        async with self._write_lock, self.pool.connection() as conn, conn.transaction():
+            report = await reconcile(conn, self.status_topic)
+        for finding in report.unrepaired:
+            log.warning("reconcile: %s %s: %s", finding.check, finding.campaign_id or "-", finding.detail)
+        if report.findings:
+            log.info("reconcile: %d findings, %d repaired", len(report.findings),
+                     len(report.findings) - len(report.unrepaired))
         await status_events.publish_outbox(self.pool, self.producer)
 
     async def warm_up(self) -> None:
@@ -262,6 +279,10 @@ def create_reconciler_app(settings: Settings) -> faust.App:
     async def release_parked_sends() -> None:
         await every(settings.release_interval, reconciler.schedule, "releasing parked sends",
                     reconciler.stopping)
+
+    @app.task
+    async def check_invariants() -> None:
+        await every(RECONCILE_INTERVAL, reconciler.reconcile, "reconcile", reconciler.stopping)
 
     @app.task
     async def step_warm_up() -> None:
