@@ -133,9 +133,13 @@ class Broker:
 
 
 def start_broker(
-    port: int | None = None, *, run_dir: Path | None = None, timeout: float = 30.0
+    port: int | None = None, *, run_dir: Path | None = None, timeout: float = 30.0,
+    advertised_port: int | None = None,
 ) -> Broker:
-    """Start tansu on 127.0.0.1:`port` (default: a free one) and wait until it serves."""
+    """Start tansu on 127.0.0.1:`port` (default: a free one) and wait until it serves.
+
+    `advertised_port` makes it tell clients to connect there instead (a proxy in front).
+    """
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
@@ -148,7 +152,8 @@ def start_broker(
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             [str(tansu_binary()), "broker", "--listener-url", url,
-             "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+             "--advertised-listener-url", f"tcp://127.0.0.1:{advertised_port or chosen}",
+             "--storage-engine", "memory://tansu/"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True,  # Ctrl-C reaches the demo, which stops us in order
         )

@@ -14,12 +14,14 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
 from services.pipeline.contract import encode, envelope, validate
+from services.pipeline.embedded import free_port, start_broker
 from services.pipeline.ids import normalize_email
 from services.pipeline.publish import lifecycle_message, publish, publish_campaign
 from services.pipeline.settings import Settings
@@ -28,8 +30,9 @@ from tests.support.campaigns import campaign, recipients
 from tests.support.events import StatusEvents
 from tests.support.kafka import produce_raw
 from tests.support.poll import get_json
-from tests.support.processes import ServiceRunner
+from tests.support.processes import ServiceRunner, run_services
 from tests.support.smtp_server import SmtpServer
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -284,3 +287,35 @@ def test_resend_goes_to_the_failed_recipients_only_once(
     assert {smtp_server.handler.rcpt_attempts[a.lower()] for a in refused} == {2}
     assert sql("SELECT recipients FROM resend_requests") == [(3,)]
     assert sql("SELECT count(*) FROM audit_log WHERE action = 'resend'") == [(1,)]
+
+
+def test_broker_connection_cut_and_restored_mid_campaign(
+    settings: Settings, smtp_server: SmtpServer, tmp_path: Path, sql: SQL,
+) -> None:
+    proxy_port = free_port()
+    broker = start_broker(run_dir=tmp_path / "tansu", advertised_port=proxy_port)
+    proxy = TcpProxy(int(broker.bootstrap_servers.rpartition(":")[2]), proxy_port)
+    proxy.start()
+    settings = replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{proxy_port}")
+    smtp_server.handler.data_delay = 0.005
+    try:
+        with run_services(settings, tmp_path / "logs") as services:
+            for name in ("planner", "sender", "reconciler"):
+                services.start(name)
+            start_campaign(settings, "netcut", 1500)
+            wait_until("the first sends", lambda: len(smtp_server.messages()) >= 300, services)
+            proxy.cut()
+            cut_at = time.monotonic()
+            time.sleep(5)
+            proxy.restore()
+            wait_until("completion", lambda: view(settings, "netcut").get("status") == "completed",
+                       services, timeout=240)
+            recovered = time.monotonic() - cut_at
+    finally:
+        proxy.stop()
+        broker.stop()
+    delivered = smtp_server.delivered()
+    assert len(delivered) == 1500 and max(delivered.values()) == 1
+    final = states(sql, "netcut")
+    assert sum(final.values()) == 1500 and set(final) <= {"sent", "unknown"}
+    print(f"\nbroker connections cut for 5s mid-campaign: {final}, completed {recovered:.0f}s after")
