@@ -59,6 +59,36 @@ async def park(conn: AsyncConnection, outcomes: Iterable[Message]) -> set[str]:
     return {r[1] for r in rows}
 
 
+#: Each campaign's queue state beside what its parked sends say (add WHERE / ORDER BY):
+#: campaign_id, status, defer_reason, deferred_until, the earliest unreleased parked send's
+#: reason and due_at, and whether any recipient is still deferred.
+QUEUE_STATE_SQL = """
+    SELECT c.campaign_id, c.status, c.defer_reason, c.deferred_until, e.reason, e.due_at,
+           EXISTS (SELECT 1 FROM recipients r
+                    WHERE r.campaign_id = c.campaign_id AND r.status = 'deferred')
+    FROM campaigns c
+    LEFT JOIN LATERAL (
+        SELECT p.reason, p.due_at FROM parked_sends p
+        WHERE p.campaign_id = c.campaign_id AND p.released_at IS NULL
+        ORDER BY p.due_at LIMIT 1
+    ) e ON true
+"""
+
+
+def wanted_state(
+    status: str, old_reason: str, old_until: datetime | None, reason: str | None,
+    due_at: datetime | None, waiting: bool,
+) -> tuple[str, datetime | None]:
+    """The (defer_reason, deferred_until) a campaign should show (its current one when it stands)."""
+    if status != "sending":
+        return "", None
+    if reason is not None:
+        return defer_reason(reason).value, due_at
+    if waiting:
+        return old_reason, old_until  # released sends are on their way: the deferral stands
+    return "", None
+
+
 async def refresh_queue_state(
     conn: AsyncConnection, campaign_ids: Iterable[str]
 ) -> list[StatusChange]:
@@ -67,32 +97,12 @@ async def refresh_queue_state(
     if not ids:
         return []
     cur = await conn.execute(
-        """
-        SELECT c.campaign_id, c.status, c.defer_reason, c.deferred_until, e.reason, e.due_at,
-               EXISTS (SELECT 1 FROM recipients r
-                        WHERE r.campaign_id = c.campaign_id AND r.status = 'deferred')
-        FROM campaigns c
-        LEFT JOIN LATERAL (
-            SELECT p.reason, p.due_at FROM parked_sends p
-            WHERE p.campaign_id = c.campaign_id AND p.released_at IS NULL
-            ORDER BY p.due_at LIMIT 1
-        ) e ON true
-        WHERE c.campaign_id = ANY(%s)
-        ORDER BY c.campaign_id
-        FOR UPDATE OF c
-        """,
+        QUEUE_STATE_SQL + " WHERE c.campaign_id = ANY(%s) ORDER BY c.campaign_id FOR UPDATE OF c",
         (ids,),
     )
     changes: list[StatusChange] = []
     for campaign_id, status, old_reason, old_until, reason, due_at, waiting in await cur.fetchall():
-        if status != "sending":
-            new_reason, new_until = "", None
-        elif reason is not None:
-            new_reason, new_until = defer_reason(reason).value, due_at
-        elif waiting:
-            continue  # released sends are on their way: the deferral stands until they land
-        else:
-            new_reason, new_until = "", None
+        new_reason, new_until = wanted_state(status, old_reason, old_until, reason, due_at, waiting)
         if (new_reason, new_until) == (old_reason, old_until):
             continue
         await conn.execute(

@@ -55,6 +55,7 @@ from services.pipeline.producer import AsyncProducer, DeliveryError
 from services.pipeline.settings import Settings
 from services.pipeline.topics import Topic, topic_name
 from services.reconciler import deferrals, projections, status_events
+from services.reconciler.deferrals import QUEUE_STATE_SQL, wanted_state
 from services.reconciler.projections import StatusChange
 from services.reconciler.status_events import COUNT_FIELDS
 
@@ -304,31 +305,19 @@ def _cancelled_waiting(c: dict[str, Any]) -> bool:
 async def _queue_state(conn: AsyncConnection) -> list[tuple[str, str]]:
     """(campaign, what is wrong) where `refresh_queue_state` would change the queue state."""
     cur = await conn.execute(
-        """
-        SELECT c.campaign_id, c.status, c.defer_reason, c.deferred_until, e.reason, e.due_at,
-               EXISTS (SELECT 1 FROM recipients r
-                        WHERE r.campaign_id = c.campaign_id AND r.status = 'deferred')
-        FROM campaigns c
-        LEFT JOIN LATERAL (
-            SELECT p.reason, p.due_at FROM parked_sends p
-            WHERE p.campaign_id = c.campaign_id AND p.released_at IS NULL
-            ORDER BY p.due_at LIMIT 1
-        ) e ON true
-        WHERE c.defer_reason <> '' OR e.reason IS NOT NULL
-        ORDER BY c.campaign_id
-        """
+        QUEUE_STATE_SQL + " WHERE c.defer_reason <> '' OR e.reason IS NOT NULL ORDER BY c.campaign_id"
     )
     wrong = []
     for campaign_id, status, old, old_until, reason, due_at, waiting in await cur.fetchall():
+        if wanted_state(status, old, old_until, reason, due_at, waiting) == (old, old_until):
+            continue
         shown = f"{old}{_until(old_until)}" if old else "no deferral"
         if status != "sending":
-            if old:
-                wrong.append((campaign_id, f"{status} but still shows a deferral: {shown}"))
+            wrong.append((campaign_id, f"{status} but still shows a deferral: {shown}"))
         elif reason is not None:
-            if (old, old_until) != (reason, due_at):
-                wrong.append((campaign_id, f"shows {shown} but its earliest parked send waits for "
-                              f"{reason}{_until(due_at)}"))
-        elif not waiting:
+            wrong.append((campaign_id, f"shows {shown} but its earliest parked send waits for "
+                          f"{reason}{_until(due_at)}"))
+        else:
             wrong.append((campaign_id, f"shows {shown} but nothing is parked and no recipient is deferred"))
     return wrong
 
