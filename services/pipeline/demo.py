@@ -53,7 +53,13 @@ from services.pipeline.embedded import (
 from services.pipeline.redaction import mask_email
 from services.pipeline.settings import Settings
 
-BOUNCE_ADDRESS = "bounce-demo@example.com"
+BOUNCE_ADDRESS = "bounce-demo@example.com"  # the unit tests' bounce; a run uses bounce_address()
+
+
+def bounce_address(stamp: str) -> str:
+    """The address the run `stamp` bounces: its own, as a 550 5.1.1 puts it on the
+    suppression list and the next run must show a bounce again, not a skip."""
+    return f"bounce-{stamp}@example.com"
 POLL_INTERVAL = 0.5
 SERVICE_START_TIMEOUT = 90.0
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -183,13 +189,13 @@ def demo_campaign(campaign_id: str) -> dict[str, Any]:
     }
 
 
-def demo_recipients(count: int) -> list[dict[str, Any]]:
-    """`count` recipients `demo-00001@example.com`, ...; the last one bounces."""
+def demo_recipients(count: int, bounce: str = BOUNCE_ADDRESS) -> list[dict[str, Any]]:
+    """`count` recipients `demo-00001@example.com`, ...; the last one, `bounce`, bounces."""
     recipients = [
         {"email": f"demo-{i:05d}@example.com", "name": f"Demo {i}", "variables": {"n": i}}
         for i in range(1, count)
     ]
-    recipients.append({"email": BOUNCE_ADDRESS, "name": "Bounce Demo", "variables": {"n": count}})
+    recipients.append({"email": bounce, "name": "Bounce Demo", "variables": {"n": count}})
     return recipients
 
 
@@ -283,10 +289,11 @@ def _run(
 
     # 2. SMTP sink, schema, topics
     sink = spawn("smtp-sink", mailer_argv("smtp-sink", "--port", str(smtp_port),
-                                          "--reject", BOUNCE_ADDRESS), env, run_dir)
+                                          "--reject", bounce_address(stamp)), env, run_dir)
     cleanup.add("smtp-sink", lambda: stop_processes([sink.process], timeout=5.0))
     _wait_for_port(sink, smtp_port, 20.0)
-    print(f"smtp sink: 127.0.0.1:{smtp_port} (bounces {mask_email(BOUNCE_ADDRESS)})", flush=True)
+    print(f"smtp sink: 127.0.0.1:{smtp_port} (bounces {mask_email(bounce_address(stamp))})",
+          flush=True)
     _migrate(demo.database_url)
     from services.reconciler.limiter_state import restore_limiter
 
@@ -316,7 +323,7 @@ def _run(
 
     # 4. publish and follow
     campaign_id = f"demo-{stamp}"
-    recipients = demo_recipients(args.recipients)
+    recipients = demo_recipients(args.recipients, bounce_address(stamp))
     from services.pipeline.publish import publish_campaign
 
     print(f"publishing campaign {campaign_id}: {len(recipients)} recipients in chunks of "

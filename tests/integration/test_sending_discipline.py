@@ -122,7 +122,8 @@ def test_three_senders_keep_100_per_hour_and_use_it(
     assert most_in_any_window(grants) <= 100
     # The SMTP server's view, in clock time: the same, and the saturated hours are used.
     at = sorted(delivery_clock_times(smtp_server, clock).values())
-    assert most_in_any_window(at, 3600.0 - 10.0) <= 100  # 10 clock s = 1 wall s of latency
+    # the receipts lag the grants by the send latency: allow 60 clock s (6 wall s at speed 10)
+    assert most_in_any_window(at, 3600.0 - 60.0) <= 100
     hour = lambda h: sum(1 for t in at if msk(2026, 11, 30, h).timestamp() <= t  # noqa: E731
                          < msk(2026, 11, 30, h + 1).timestamp())
     assert hour(10) >= 98 and hour(11) >= 98, [hour(10), hour(11), hour(12)]
