@@ -9,6 +9,7 @@ creates the registry's topics, then runs the worker until SIGTERM or SIGINT.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ import faust
 from faust.worker import Worker
 
 from services.pipeline.kafka_admin import ensure_topics
+from services.pipeline.logs import logging_config
 from services.pipeline.settings import Settings
 from services.pipeline.topics import REGISTRY, Topic
 
@@ -61,9 +63,11 @@ def close_on_shutdown(app: faust.App, close: Callable[[], Awaitable[None]]) -> N
     app.on_before_shutdown.connect(receiver)
 
 
-def run(app: faust.App, settings: Settings) -> None:
-    """Create topics, then run `app`'s worker in this process until it is stopped."""
+def run(app: faust.App, settings: Settings, service: str) -> None:
+    """Create topics, then run `app`'s worker in this process until it is stopped, logging
+    in the services' one format (services/pipeline/logs.py)."""
     ensure_topics(settings)
     loglevel = {"warning": "warn", "critical": "crit"}.get(settings.log_level, settings.log_level)
-    worker = Worker(app, loglevel=loglevel, quiet=True)
+    worker = Worker(app, loglevel=loglevel, quiet=True,
+                    logging_config=logging_config(service, settings, sys.stderr.isatty()))
     worker.execute_from_commandline()

@@ -212,6 +212,10 @@ class Settings:
     )
     # --- logging --------------------------------------------------------------
     log_level: str = setting("MAILER_LOG_LEVEL", "info", "Log level: debug, info, warn, error.")
+    log_addresses: bool = setting(
+        "MAILER_LOG_ADDRESSES", False,
+        "Write recipient addresses in full in the logs (default: masked, `i***@example.com`).",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -166,4 +166,4 @@ def create_planner_app(settings: Settings) -> faust.App:
 
 def run(settings: Settings) -> None:
     """Run the planner until SIGTERM/SIGINT."""
-    faust_app.run(create_planner_app(settings), settings)
+    faust_app.run(create_planner_app(settings), settings, SERVICE)

@@ -300,4 +300,4 @@ def create_reconciler_app(settings: Settings) -> faust.App:
 
 def run(settings: Settings) -> None:
     """Run the reconciler until SIGTERM/SIGINT."""
-    faust_app.run(create_reconciler_app(settings), settings)
+    faust_app.run(create_reconciler_app(settings), settings, SERVICE)

@@ -38,6 +38,7 @@ from services.pipeline.clock import clock_from_settings
 from services.pipeline.contract import InvalidMessage, Message, decode, encode, iso
 from services.pipeline.db import open_pool
 from services.pipeline.dead_letters import DeadLetters
+from services.pipeline.logs import event as log_event
 from services.pipeline.producer import AsyncProducer, DeliveryError
 from services.pipeline.redaction import mask_email
 from services.pipeline.retry import retry_transient
@@ -156,6 +157,7 @@ class SenderRuntime:
         await _until_delivered(
             "outcome", lambda: producer.produce(self._outcomes_topic, payload, send_id)
         )
+        _log_outcome(outcome)
         return outcome
 
     async def _send(
@@ -248,6 +250,22 @@ class SenderRuntime:
         log.info("sender closed its SMTP pools and outcome producer")
 
 
+def _log_outcome(outcome: Message) -> None:
+    """One log event per outcome: the send's ids, and its reply or why it waits (R22)."""
+    kind = outcome["kind"].removeprefix("outcome.")
+    fields = {
+        "campaign_id": outcome["campaign_id"], "send_id": outcome["send_id"],
+        "attempt": outcome["attempt"], "account": outcome["account"],
+        "recipient": outcome["recipient_email"], "smtp_code": outcome.get("smtp_code"),
+        "error_type": outcome.get("error_class"),
+    }
+    if kind == "deferred":
+        fields |= {"defer_reason": outcome["defer_reason"], "deferred_until": outcome["deferred_until"]}
+    message = {"sent": "sent", "deferred": "deferred: {defer_reason} until {deferred_until}"}.get(
+        kind, "{kind}: {reason}").format(kind=kind, reason=outcome.get("reason", ""), **fields)
+    log_event(log, f"send.{kind}", message, **fields)
+
+
 async def _until_delivered(what: str, attempt: Callable[[], Awaitable[None]]) -> None:
     """Await `attempt()` until the broker has the message, pausing longer each time."""
     pause = 0.5
@@ -288,4 +306,4 @@ def create_sender_app(settings: Settings) -> faust.App:
 def run(settings: Settings) -> None:
     """Run the sender worker until it is stopped."""
     app = create_sender_app(settings)
-    faust_app.run(app, settings)
+    faust_app.run(app, settings, SERVICE)
