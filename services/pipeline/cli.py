@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -19,24 +20,31 @@ from services.pipeline.accounts import AccountsError, load_accounts
 from services.pipeline.settings import Settings, SettingsError, markdown_table
 
 
+def _with_metrics_port(args: argparse.Namespace, settings: Settings) -> Settings:
+    """The settings with `--metrics-port`, when given, as MAILER_METRICS_PORT."""
+    if args.metrics_port is None:
+        return settings
+    return dataclasses.replace(settings, metrics_port=args.metrics_port)
+
+
 def _run_planner(args: argparse.Namespace, settings: Settings) -> int:
     from services.planner.app import run
 
-    run(settings)
+    run(_with_metrics_port(args, settings))
     return 0
 
 
 def _run_sender(args: argparse.Namespace, settings: Settings) -> int:
     from services.sender.app import run
 
-    run(settings)
+    run(_with_metrics_port(args, settings))
     return 0
 
 
 def _run_reconciler(args: argparse.Namespace, settings: Settings) -> int:
     from services.reconciler.app import run
 
-    run(settings)
+    run(_with_metrics_port(args, settings))
     return 0
 
 
@@ -118,9 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    add("planner", _run_planner, "run the planner service (faust worker)")
-    add("sender", _run_sender, "run a sender service (faust worker)")
-    add("reconciler", _run_reconciler, "run the reconciler service and its poll endpoint")
+    for service in (add("planner", _run_planner, "run the planner service (faust worker)"),
+                    add("sender", _run_sender, "run a sender service (faust worker)"),
+                    add("reconciler", _run_reconciler,
+                        "run the reconciler service and its poll endpoint")):
+        service.add_argument("--metrics-port", type=int, default=None,
+                             help="serve /metrics on this port (overrides MAILER_METRICS_PORT)")
     add("migrate", _migrate,
         "apply the ordered SQL migrations to DATABASE_URL; restore the limiter's Redis state if lost")
     add("topics", _topics, "create every topic of the registry that does not exist yet")

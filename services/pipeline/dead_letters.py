@@ -13,6 +13,7 @@ import base64
 import logging
 
 from services.pipeline.contract import Message, encode, envelope
+from services.pipeline.metrics import DEAD_LETTERS
 from services.pipeline.producer import AsyncProducer
 from services.pipeline.settings import Settings
 from services.pipeline.topics import Topic, topic_name
@@ -78,6 +79,8 @@ class DeadLetters:
             campaign_id=campaign_id,
         )
         log.warning(
-            "dead-lettered message from %s[%s]@%s: %s", source_topic, partition, offset, reason
+            "dead-lettered message from %s[%s]@%s: %s", source_topic, partition, offset, reason,
+            extra={"event": "dead_letter", "error_type": error_type, "campaign_id": campaign_id},
         )
         await self._producer.produce(self._topic, encode(message), key)
+        DEAD_LETTERS.labels(self._service, error_type).inc()

@@ -18,6 +18,7 @@ from faust.worker import Worker
 
 from services.pipeline.kafka_admin import ensure_topics
 from services.pipeline.logs import logging_config
+from services.pipeline.metrics import serve_metrics
 from services.pipeline.settings import Settings
 from services.pipeline.topics import REGISTRY, Topic
 
@@ -67,6 +68,7 @@ def run(app: faust.App, settings: Settings, service: str) -> None:
     """Create topics, then run `app`'s worker in this process until it is stopped, logging
     in the services' one format (services/pipeline/logs.py)."""
     ensure_topics(settings)
+    serve_metrics(settings, service)
     loglevel = {"warning": "warn", "critical": "crit"}.get(settings.log_level, settings.log_level)
     worker = Worker(app, loglevel=loglevel, quiet=True,
                     logging_config=logging_config(service, settings, sys.stderr.isatty()))

@@ -210,6 +210,13 @@ class Settings:
         "MAILER_FAILED_RECIPIENTS_LIMIT", 100,
         "Most failed recipients listed by the poll endpoint (the count is always exact).",
     )
+    # --- operations -----------------------------------------------------------
+    metrics_port: int = setting(
+        "MAILER_METRICS_PORT", 0,
+        "Port of this process's Prometheus `/metrics` (0: not served). `mailer <service> "
+        "--metrics-port N` sets it per process.",
+    )
+    metrics_host: str = setting("MAILER_METRICS_HOST", "0.0.0.0", "Interface of `/metrics`.")
     # --- logging --------------------------------------------------------------
     log_level: str = setting("MAILER_LOG_LEVEL", "info", "Log level: debug, info, warn, error.")
     log_addresses: bool = setting(

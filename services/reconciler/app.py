@@ -37,6 +37,7 @@ from services.pipeline.db import open_pool
 from services.pipeline.dead_letters import DeadLetters
 from services.pipeline.ingress import accept, reject
 from services.pipeline.limiter_keys import LimiterKeys
+from services.pipeline.metrics import BREAKERS_OPEN, CAMPAIGNS, RECIPIENTS_PENDING
 from services.pipeline.producer import AsyncProducer
 from services.pipeline.retry import retry_transient
 from services.pipeline.settings import Settings
@@ -111,7 +112,8 @@ class Reconciler:
 
     async def schedule(self) -> None:
         """One pass of the scheduler: restore the limiter if Redis lost it, release what is
-        due, expire claims that never finished, publish the events that produced."""
+        due, expire claims that never finished, update the queue gauges, publish the events
+        that produced."""
         await self.start()
         assert self.releaser is not None and self.limiter is not None and self.producer is not None
         await restore_if_lost(self.pool, self.limiter, self.accounts, self.clock)
@@ -119,6 +121,7 @@ class Reconciler:
             await self.releaser.release_due()
             async with self.pool.connection() as conn, conn.transaction():
                 expired = await expire_claims(conn, self.settings, self.outcomes_topic)
+                await queue_gauges(conn)
         if expired:
             log.warning("%d claims never finished within %gs: their sends are unknown",
                         expired, self.settings.claim_timeout)
@@ -233,6 +236,29 @@ class Reconciler:
                 await status_events.publish_outbox(self.pool, self.producer)
 
         await retry_transient(work, what=f"writing {len(messages)} {what}")
+
+
+async def queue_gauges(conn: Any) -> None:
+    """Queue depth and breaker state for /metrics: campaigns by state, recipients waiting."""
+    cur = await conn.execute(
+        "SELECT CASE WHEN status = 'sending' AND defer_reason <> '' THEN 'deferred' ELSE status END,"
+        " count(*), coalesce(sum(pending) FILTER (WHERE status = 'sending'), 0)"
+        " FROM campaigns GROUP BY 1"
+    )
+    pending = 0
+    seen = {"sending": 0, "deferred": 0, "paused": 0, "completed": 0, "cancelled": 0}
+    for state, count, waiting in await cur.fetchall():
+        seen[state] = count
+        pending += int(waiting)
+    for state, count in seen.items():
+        CAMPAIGNS.labels(state).set(count)
+    RECIPIENTS_PENDING.set(pending)
+    cur = await conn.execute(
+        "SELECT scope, count(*) FILTER (WHERE opened_at IS NOT NULL) FROM circuit_breakers GROUP BY 1"
+    )
+    opened = dict(await cur.fetchall())
+    for scope in ("campaign", "account"):
+        BREAKERS_OPEN.labels(scope).set(opened.get(scope, 0))
 
 
 async def every(

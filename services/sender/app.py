@@ -39,6 +39,7 @@ from services.pipeline.contract import InvalidMessage, Message, decode, encode, 
 from services.pipeline.db import open_pool
 from services.pipeline.dead_letters import DeadLetters
 from services.pipeline.logs import event as log_event
+from services.pipeline.metrics import DEFERRALS, SENDS, SMTP_SECONDS
 from services.pipeline.producer import AsyncProducer, DeliveryError
 from services.pipeline.redaction import mask_email
 from services.pipeline.retry import retry_transient
@@ -158,6 +159,7 @@ class SenderRuntime:
             "outcome", lambda: producer.produce(self._outcomes_topic, payload, send_id)
         )
         _log_outcome(outcome)
+        _count_outcome(outcome)
         return outcome
 
     async def _send(
@@ -248,6 +250,16 @@ class SenderRuntime:
         if self._producer is not None:
             await self._producer.close()
         log.info("sender closed its SMTP pools and outcome producer")
+
+
+def _count_outcome(outcome: Message) -> None:
+    """The outcome in the send series (R23)."""
+    kind = outcome["kind"].removeprefix("outcome.")
+    SENDS.labels(kind, outcome.get("error_class") or "none").inc()
+    if kind == "deferred":
+        DEFERRALS.labels(outcome["defer_reason"]).inc()
+    if kind in ("sent", "failed", "unknown"):
+        SMTP_SECONDS.labels(kind).observe(outcome["duration_ms"] / 1000)
 
 
 def _log_outcome(outcome: Message) -> None:

@@ -1,0 +1,56 @@
+"""Each service serves /metrics with the pipeline's series, bounded labels only (R23)."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import pytest
+
+from services.pipeline.embedded import free_port
+from services.pipeline.publish import publish_campaign
+from services.pipeline.settings import Settings
+from tests.support.campaigns import campaign, recipients
+from tests.support.poll import wait_for_status
+from tests.support.processes import ServiceRunner
+from tests.support.smtp_server import SmtpServer
+
+pytestmark = pytest.mark.integration
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
+def value(text: str, series: str) -> float:
+    """The sample of `series` (name with its labels exactly as exposed)."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no sample {series!r} in:\n{text[:3000]}")
+
+
+def test_services_serve_metrics_during_a_campaign(
+    settings: Settings, services: ServiceRunner, smtp_server: SmtpServer,
+) -> None:
+    ports = {name: free_port() for name in ("planner", "sender", "reconciler")}
+    for name, port in ports.items():
+        services.start(name, "--metrics-port", str(port))
+    people = recipients(30, domain="metrics.example.com")
+    smtp_server.reject(people[0]["email"])
+    asyncio.run(publish_campaign(settings, campaign("measured"), people))
+    wait_for_status(settings, services, "measured", "completed")
+
+    sender = scrape(ports["sender"])
+    assert value(sender, 'mailer_sends_total{error_class="none",outcome="sent"}') == 29
+    assert value(sender, 'mailer_sends_total{error_class="permanent",outcome="failed"}') == 1
+    assert value(sender, 'mailer_smtp_duration_seconds_count{outcome="sent"}') == 29
+    assert value(sender, 'mailer_limiter_decisions_total{decision="granted",reason="none"}') >= 30
+    reconciler = scrape(ports["reconciler"])
+    assert value(reconciler, 'mailer_campaigns{state="completed"}') == 1
+    assert value(reconciler, "mailer_recipients_pending") == 0
+    assert value(reconciler, 'mailer_circuit_breakers_open{scope="account"}') == 0
+    assert "mailer_dead_letters_total" in scrape(ports["planner"])
+    for text in (sender, reconciler):
+        assert "metrics.example.com" not in text and "measured" not in text  # no per-recipient labels
