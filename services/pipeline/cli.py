@@ -80,6 +80,17 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
     return publish_command(args, settings)
 
 
+def _lag(args: argparse.Namespace, settings: Settings) -> int:
+    from services.pipeline.consumer_lag import measure
+
+    for group in measure(settings):
+        print(f"{group.group}  state={group.state}  members={group.members}")
+        for p in group.partitions:
+            print(f"  {p.topic}[{p.partition}]  committed={p.committed}  high={p.high_watermark}"
+                  f"  lag={p.lag}  lag_seconds={p.lag_seconds:.1f}")
+    return 0
+
+
 def _show(args: argparse.Namespace, settings: Settings) -> int:
     from services.reconciler.campaign_view import show_command
 
@@ -135,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("migrate", _migrate,
         "apply the ordered SQL migrations to DATABASE_URL; restore the limiter's Redis state if lost")
     add("topics", _topics, "create every topic of the registry that does not exist yet")
+    add("lag", _lag, "print each consumer group's state, members and lag per partition")
 
     publish = add("publish", _publish, "publish CRM campaign commands to the broker")
     from services.pipeline.publish import add_publish_arguments

@@ -12,7 +12,8 @@ add hard bounces to the suppression list and bring the campaigns' queue state
 up to date. A pause or cancel waits for the campaign's sends in flight.
 Tasks beside the agents: the scheduler (every `MAILER_RELEASE_INTERVAL` s:
 restore the limiter's Redis state if lost, release due parked sends, expire
-claims that never finished), the reconcile job (every 5 minutes), the provider
+claims that never finished), the consumer-lag export (every 15 s, for
+/metrics), the reconcile job (every 5 minutes), the provider
 quota sync and the warm-up steps.
 Invalid messages go to the dead-letter topic. Postgres or broker outages are
 waited out and retried. The poll endpoint is served on `settings.http_port`.
@@ -32,6 +33,7 @@ from aiohttp import web
 from services.pipeline import faust_app
 from services.pipeline.accounts import load_accounts
 from services.pipeline.clock import clock_from_settings
+from services.pipeline.consumer_lag import export, measure
 from services.pipeline.contract import Message
 from services.pipeline.db import open_pool
 from services.pipeline.dead_letters import DeadLetters
@@ -57,6 +59,8 @@ from services.sender.rate_limit import Limiter
 log = logging.getLogger(__name__)
 
 SERVICE = "reconciler"
+#: Wall seconds between two measurements of the consumer groups' lag (for /metrics).
+LAG_INTERVAL = 15.0
 #: Wall seconds between two runs of the reconcile job (it scans every recipient).
 RECONCILE_INTERVAL = 300.0
 #: Wall seconds between two warm-up steps (a step changes at most once a local day).
@@ -305,6 +309,14 @@ def create_reconciler_app(settings: Settings) -> faust.App:
     async def release_parked_sends() -> None:
         await every(settings.release_interval, reconciler.schedule, "releasing parked sends",
                     reconciler.stopping)
+
+    @app.task
+    async def export_consumer_lag() -> None:
+        async def measure_lag() -> None:
+            lags = await asyncio.get_running_loop().run_in_executor(None, measure, settings)
+            export(lags)
+
+        await every(LAG_INTERVAL, measure_lag, "consumer lag", reconciler.stopping)
 
     @app.task
     async def check_invariants() -> None:

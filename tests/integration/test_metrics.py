@@ -52,5 +52,7 @@ def test_services_serve_metrics_during_a_campaign(
     assert value(reconciler, "mailer_recipients_pending") == 0
     assert value(reconciler, 'mailer_circuit_breakers_open{scope="account"}') == 0
     assert "mailer_dead_letters_total" in scrape(ports["planner"])
+    # the reconciler exports the consumer groups' lag (services/pipeline/consumer_lag.py)
+    assert f'kminion_kafka_consumer_group_members{{group_id="{settings.app_id("sender")}"}}' in reconciler
     for text in (sender, reconciler):
         assert "metrics.example.com" not in text and "measured" not in text  # no per-recipient labels

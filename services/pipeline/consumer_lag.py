@@ -1,0 +1,142 @@
+"""Consumer lag of the pipeline's groups, correct on Apache Kafka and on tansu (R23).
+
+Contract: `measure(settings)` returns, for each consumer group of the pipeline
+(planner, sender, reconciler), its state, member count and, per topic and
+partition it has committed on, the committed offset, the high watermark, the
+offset lag and the time lag in seconds (now minus the timestamp of the first
+message not yet consumed; 0 when caught up). The high watermark is the one a
+fetch reports (`get_watermark_offsets(cached=True)` after reading from the
+committed offset), not ListOffsets LATEST, which tansu answers wrongly when the
+last batch holds several records. `export(lags)` sets the kafka-lag-exporter
+style gauges `kafka_consumergroup_group_lag`, `_group_lag_seconds`,
+`_group_max_lag`, `_group_max_lag_seconds` and KMinion's
+`kminion_kafka_consumer_group_members` / `_info{state}`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, TopicPartition
+from confluent_kafka.admin import AdminClient
+from prometheus_client import Gauge
+
+from services.pipeline.settings import Settings
+
+SERVICES = ("planner", "sender", "reconciler")
+
+LAG = Gauge("kafka_consumergroup_group_lag", "Offset lag of a group on a partition.",
+            ["group", "topic", "partition"])
+LAG_SECONDS = Gauge("kafka_consumergroup_group_lag_seconds",
+                    "Age of the oldest message a group has not consumed on a partition.",
+                    ["group", "topic", "partition"])
+MAX_LAG = Gauge("kafka_consumergroup_group_max_lag", "Largest offset lag of a group.", ["group"])
+MAX_LAG_SECONDS = Gauge("kafka_consumergroup_group_max_lag_seconds",
+                        "Largest time lag of a group.", ["group"])
+MEMBERS = Gauge("kminion_kafka_consumer_group_members", "Members of a consumer group.", ["group_id"])
+INFO = Gauge("kminion_kafka_consumer_group_info", "A consumer group's state (1 for the current one).",
+             ["group_id", "state"])
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    """One partition of one group."""
+
+    topic: str
+    partition: int
+    committed: int
+    high_watermark: int
+    lag: int
+    lag_seconds: float
+
+
+@dataclass
+class GroupLag:
+    """One consumer group: its state, members and partitions."""
+
+    group: str
+    state: str
+    members: int
+    partitions: list[PartitionLag] = field(default_factory=list)
+
+
+def measure(settings: Settings, timeout: float = 10.0) -> list[GroupLag]:
+    """The lag of every consumer group of the pipeline."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    groups = [settings.app_id(service) for service in SERVICES]
+    result = []
+    for group, future in admin.describe_consumer_groups(groups, request_timeout=timeout).items():
+        try:
+            description = future.result()
+            state = str(description.state).rsplit(".", 1)[-1].lower()
+            members = len(description.members)
+        except Exception:
+            state, members = "unknown", 0
+        result.append(GroupLag(group, state, members))
+    committed: dict[str, list[TopicPartition]] = {}
+    for lag in result:
+        request = [ConsumerGroupTopicPartitions(lag.group)]
+        try:
+            offsets = admin.list_consumer_group_offsets(request, request_timeout=timeout)[lag.group].result()
+        except Exception:
+            continue
+        committed[lag.group] = [tp for tp in offsets.topic_partitions or [] if tp.offset >= 0]
+    for lag in result:
+        lag.partitions = _partition_lags(settings, committed.get(lag.group, []), timeout)
+    return result
+
+
+def _partition_lags(
+    settings: Settings, committed: list[TopicPartition], timeout: float
+) -> list[PartitionLag]:
+    """Read one message at each committed offset: its age, and the fetch's high watermark."""
+    if not committed:
+        return []
+    consumer = Consumer({
+        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        "group.id": f"mailer-lag-{uuid.uuid4().hex}", "enable.auto.commit": False,
+        "enable.partition.eof": True, "auto.offset.reset": "earliest",
+    })
+    try:
+        consumer.assign([TopicPartition(tp.topic, tp.partition, tp.offset) for tp in committed])
+        first: dict[tuple[str, int], float | None] = {}
+        deadline = time.monotonic() + timeout
+        while len(first) < len(committed) and time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is None:
+                continue
+            key = (str(msg.topic()), int(msg.partition() or 0))
+            if key in first:
+                continue
+            error = msg.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    first[key] = None  # caught up
+                continue
+            first[key] = msg.timestamp()[1] / 1000.0
+        now = time.time()
+        lags = []
+        for tp in committed:
+            _, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), cached=True)
+            stamp = first.get((tp.topic, tp.partition))
+            lags.append(PartitionLag(
+                tp.topic, tp.partition, tp.offset, max(high, tp.offset), max(0, high - tp.offset),
+                0.0 if stamp is None else max(0.0, now - stamp),
+            ))
+        return lags
+    finally:
+        consumer.close()
+
+
+def export(groups: list[GroupLag]) -> None:
+    """Set the lag gauges from a measurement."""
+    for g in groups:
+        MEMBERS.labels(g.group).set(g.members)
+        INFO.labels(g.group, g.state).set(1)
+        for p in g.partitions:
+            LAG.labels(g.group, p.topic, str(p.partition)).set(p.lag)
+            LAG_SECONDS.labels(g.group, p.topic, str(p.partition)).set(p.lag_seconds)
+        MAX_LAG.labels(g.group).set(max((p.lag for p in g.partitions), default=0))
+        MAX_LAG_SECONDS.labels(g.group).set(max((p.lag_seconds for p in g.partitions), default=0.0))
