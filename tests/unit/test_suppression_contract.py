@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from services.pipeline import contract
-from services.pipeline.contract import InvalidMessage, Message
+from services.pipeline.contract import InvalidMessage
 from services.pipeline.topics import REGISTRY, Topic, kind_topic
 from tests.support.campaigns import outcome
+from tests.support.contract_cases import drop, example, invalid, set_field
 
-EVENTS_MD = Path(__file__).resolve().parents[2] / "docs" / "EVENTS.md"
 KINDS = ("suppression.add", "suppression.remove")
-
-
-def _example(kind: str) -> Message:
-    """The example of `kind` in docs/EVENTS.md (a fresh copy)."""
-    found = re.search(rf"^### {re.escape(kind)}[ \t]*\n+```json\n(.*?)^```",
-                      EVENTS_MD.read_text(encoding="utf-8"), re.MULTILINE | re.DOTALL)
-    assert found, f"no example of {kind} in docs/EVENTS.md"
-    message: Message = json.loads(found.group(1))
-    return message
 
 
 def test_registry_declares_the_suppression_topic() -> None:
@@ -57,48 +45,30 @@ def test_messages_built_with_the_envelope_are_valid(kind: str, fields: dict[str,
 
 @pytest.mark.parametrize("reason", ["unsubscribe", "hard_bounce", "complaint", "manual"])
 def test_every_reason_is_accepted(reason: str) -> None:
-    message = _example("suppression.add")
+    message = example("suppression.add")
     message["reason"] = reason
     assert contract.validate(message, Topic.SUPPRESSIONS) == message
 
 
-def _drop(key: str) -> Callable[[Message], None]:
-    return lambda m: m.pop(key)
-
-
-def _set(key: str, value: Any) -> Callable[[Message], None]:
-    return lambda m: m.__setitem__(key, value)
-
-
-def _mutated(kind: str, mutate: Callable[[Message], None]) -> bytes:
-    message = _example(kind)
-    mutate(message)
-    return contract.encode(message)
-
-
-def _invalid(case: str, kind: str, mutate: Callable[[Message], None], named: str) -> Any:
-    return pytest.param(lambda: _mutated(kind, mutate), kind_topic(kind), named, id=case)
-
-
 INVALID = [
-    _invalid("add-without-email", "suppression.add", _drop("email"), "['email']"),
-    _invalid("add-without-reason", "suppression.add", _drop("reason"), "['reason']"),
-    _invalid("add-unknown-reason", "suppression.add", _set("reason", "bored"), "reason must be one of"),
-    _invalid("add-bad-email", "suppression.add", _set("email", "john.smith.example.org"),
+    invalid("add-without-email", "suppression.add", drop("email"), "['email']"),
+    invalid("add-without-reason", "suppression.add", drop("reason"), "['reason']"),
+    invalid("add-unknown-reason", "suppression.add", set_field("reason", "bored"), "reason must be one of"),
+    invalid("add-bad-email", "suppression.add", set_field("email", "john.smith.example.org"),
              "email must match"),
-    _invalid("add-email-with-blanks", "suppression.add", _set("email", " john@example.org "),
+    invalid("add-email-with-blanks", "suppression.add", set_field("email", " john@example.org "),
              "email must match"),
-    _invalid("add-source-too-long", "suppression.add", _set("source", "x" * 257),
+    invalid("add-source-too-long", "suppression.add", set_field("source", "x" * 257),
              "source must be shorter than or equal to 256"),
-    _invalid("add-bad-actor", "suppression.add", _set("actor_id", "-nobody"), "actor_id must match"),
-    _invalid("add-extra-property", "suppression.add", _set("campaign_id", "c1"), "{'campaign_id'}"),
-    _invalid("remove-with-reason", "suppression.remove", _set("reason", "manual"), "{'reason'}"),
-    _invalid("remove-without-email", "suppression.remove", _drop("email"), "['email']"),
-    _invalid("remove-schema-version-2", "suppression.remove", _set("schema_version", 2),
+    invalid("add-bad-actor", "suppression.add", set_field("actor_id", "-nobody"), "actor_id must match"),
+    invalid("add-extra-property", "suppression.add", set_field("campaign_id", "c1"), "{'campaign_id'}"),
+    invalid("remove-with-reason", "suppression.remove", set_field("reason", "manual"), "{'reason'}"),
+    invalid("remove-without-email", "suppression.remove", drop("email"), "['email']"),
+    invalid("remove-schema-version-2", "suppression.remove", set_field("schema_version", 2),
              "unsupported schema_version 2"),
-    pytest.param(lambda: contract.encode(_example("suppression.add")), Topic.CAMPAIGN_COMMANDS,
+    pytest.param(lambda: contract.encode(example("suppression.add")), Topic.CAMPAIGN_COMMANDS,
                  "unknown kind 'suppression.add' on mailer.campaign-commands", id="kind-on-wrong-topic"),
-    pytest.param(lambda: contract.encode(_example("campaign.pause")), Topic.SUPPRESSIONS,
+    pytest.param(lambda: contract.encode(example("campaign.pause")), Topic.SUPPRESSIONS,
                  "unknown kind 'campaign.pause' on mailer.suppressions", id="other-kind-on-suppressions"),
 ]
 
