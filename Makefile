@@ -5,7 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit integration clean
+.PHONY: demo test tools lint typecheck unit integration clean
+
+# Debian packages the tests run for real: prometheus (promtool rule tests, a real
+# Prometheus scraping the pipeline). Installed with apt-get when missing (as root).
+DEBIAN_TOOLS := prometheus
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +20,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/mailer demo
 
-test: $(STAMP) lint typecheck
+test: $(STAMP) tools lint typecheck
 	$(BIN)/pytest -ra --durations=15
+
+tools:
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "make tools: run as root, or: sudo apt-get install $(DEBIAN_TOOLS)" >&2; exit 1; fi; \
+	  echo "installing Debian packages: $(DEBIAN_TOOLS)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends $(DEBIAN_TOOLS) >/dev/null \
+	    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(DEBIAN_TOOLS) >/dev/null; }; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check services tests benchmarks

@@ -45,6 +45,11 @@ BREAKERS_OPEN = Gauge(
     "mailer_circuit_breakers_open", "Circuit breakers open now, by scope (campaign, account).",
     ["scope"],
 )
+STALLED_SECONDS = Gauge(
+    "mailer_campaign_stalled_seconds",
+    "Longest time any sending campaign with recipients waiting and no deferral ahead"
+    " has made no progress (0: none). The 30-minute alert watches it.",
+)
 CAMPAIGN_SECONDS = Histogram(
     "mailer_campaign_duration_seconds", "From start to completion of a campaign.",
     buckets=(60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400),

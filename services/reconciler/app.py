@@ -39,7 +39,7 @@ from services.pipeline.db import open_pool
 from services.pipeline.dead_letters import DeadLetters
 from services.pipeline.ingress import accept, reject
 from services.pipeline.limiter_keys import LimiterKeys
-from services.pipeline.metrics import BREAKERS_OPEN, CAMPAIGNS, RECIPIENTS_PENDING
+from services.pipeline.metrics import BREAKERS_OPEN, CAMPAIGNS, RECIPIENTS_PENDING, STALLED_SECONDS
 from services.pipeline.producer import AsyncProducer
 from services.pipeline.retry import retry_transient
 from services.pipeline.settings import Settings
@@ -243,7 +243,8 @@ class Reconciler:
 
 
 async def queue_gauges(conn: Any) -> None:
-    """Queue depth and breaker state for /metrics: campaigns by state, recipients waiting."""
+    """Queue depth and breaker state for /metrics: campaigns by state, recipients waiting,
+    the longest a sending campaign has gone without progress."""
     cur = await conn.execute(
         "SELECT CASE WHEN status = 'sending' AND defer_reason <> '' THEN 'deferred' ELSE status END,"
         " count(*), coalesce(sum(pending) FILTER (WHERE status = 'sending'), 0)"
@@ -263,6 +264,13 @@ async def queue_gauges(conn: Any) -> None:
     opened = dict(await cur.fetchall())
     for scope in ("campaign", "account"):
         BREAKERS_OPEN.labels(scope).set(opened.get(scope, 0))
+    cur = await conn.execute(
+        "SELECT coalesce(max(extract(epoch FROM now() - greatest(updated_at, first_sent_at))), 0)"
+        " FROM campaigns WHERE status = 'sending' AND pending > 0"
+        " AND NOT (defer_reason <> '' AND coalesce(deferred_until > now(), false))"
+    )
+    row = await cur.fetchone()
+    STALLED_SECONDS.set(max(float(row[0]), 0.0) if row else 0.0)
 
 
 async def every(

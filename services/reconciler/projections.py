@@ -25,6 +25,7 @@ from services.pipeline.accounts import Accounts
 from services.pipeline.contract import Message
 from services.pipeline.db import CAMPAIGN_LOCK
 from services.pipeline.ids import send_id
+from services.pipeline.metrics import CAMPAIGN_SECONDS
 
 TERMINAL = ("sent", "failed", "skipped", "unknown", "cancelled")
 OUTCOME_STATUS = {
@@ -322,16 +323,19 @@ async def refresh_campaigns(conn: AsyncConnection, campaign_ids: set[str]) -> li
                              completed_at = now(), updated_at = now()
         WHERE campaign_id = ANY(%s) AND status = 'sending' AND pending = 0 AND total > 0
           AND chunks_declared > 0 AND chunks_received >= chunks_declared
-        RETURNING campaign_id
+        RETURNING campaign_id, extract(epoch FROM completed_at - coalesce(started_at, created_at))
         """,
         (_COMPLETED_REASON, ids),
     )
+    completed = await cur.fetchall()
+    for _, seconds in completed:
+        CAMPAIGN_SECONDS.observe(max(float(seconds or 0.0), 0.0))
     return [
         StatusChange(
             campaign_id=row[0], before="sending", after="completed", actor="system",
             action="complete", reason=_COMPLETED_REASON,
         )
-        for row in await cur.fetchall()
+        for row in completed
     ]
 
 

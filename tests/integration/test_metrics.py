@@ -50,6 +50,8 @@ def test_services_serve_metrics_during_a_campaign(
     reconciler = scrape(ports["reconciler"])
     assert value(reconciler, 'mailer_campaigns{state="completed"}') == 1
     assert value(reconciler, "mailer_recipients_pending") == 0
+    assert value(reconciler, "mailer_campaign_duration_seconds_count") == 1
+    assert value(reconciler, "mailer_campaign_stalled_seconds") == 0
     assert value(reconciler, 'mailer_circuit_breakers_open{scope="account"}') == 0
     assert "mailer_dead_letters_total" in scrape(ports["planner"])
     # the reconciler exports the consumer groups' lag (services/pipeline/consumer_lag.py)
