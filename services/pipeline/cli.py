@@ -81,14 +81,16 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _lag(args: argparse.Namespace, settings: Settings) -> int:
-    from services.pipeline.consumer_lag import measure
+    from services.pipeline.consumer_lag import lag_lines, measure
 
-    for group in measure(settings):
-        print(f"{group.group}  state={group.state}  members={group.members}")
-        for p in group.partitions:
-            print(f"  {p.topic}[{p.partition}]  committed={p.committed}  high={p.high_watermark}"
-                  f"  lag={p.lag}  lag_seconds={p.lag_seconds:.1f}")
+    print("\n".join(lag_lines(measure(settings))))
     return 0
+
+
+def _ops(args: argparse.Namespace, settings: Settings) -> int:
+    from services.ops.commands import ops_command
+
+    return ops_command(args, settings)
 
 
 def _show(args: argparse.Namespace, settings: Settings) -> int:
@@ -147,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
         "apply the ordered SQL migrations to DATABASE_URL; restore the limiter's Redis state if lost")
     add("topics", _topics, "create every topic of the registry that does not exist yet")
     add("lag", _lag, "print each consumer group's state, members and lag per partition")
+
+    ops = add("ops", _ops, "on-call commands: campaign, audit, stuck, deferred, limiter, lag, "
+              "dead-letters, reconcile, pause, resume (docs/ONCALL_PLAYBOOK.md)")
+    from services.ops.arguments import add_ops_arguments
+
+    add_ops_arguments(ops)
 
     publish = add("publish", _publish, "publish CRM campaign commands to the broker")
     from services.pipeline.publish import add_publish_arguments

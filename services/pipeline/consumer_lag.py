@@ -7,7 +7,10 @@ offset lag and the time lag in seconds (now minus the timestamp of the first
 message not yet consumed; 0 when caught up). The high watermark is the one a
 fetch reports (`get_watermark_offsets(cached=True)` after reading from the
 committed offset), not ListOffsets LATEST, which tansu answers wrongly when the
-last batch holds several records. `export(lags)` sets the kafka-lag-exporter
+last batch holds several records. tansu also answers DescribeGroups with no
+members, even for a stable group: a stable group with no member is reported
+with `members=None` (unknown), never as 0, and its members gauge is not set.
+`export(lags)` sets the kafka-lag-exporter
 style gauges `kafka_consumergroup_group_lag`, `_group_lag_seconds`,
 `_group_max_lag`, `_group_max_lag_seconds` and KMinion's
 `kminion_kafka_consumer_group_members` / `_info{state}`.
@@ -58,7 +61,7 @@ class GroupLag:
 
     group: str
     state: str
-    members: int
+    members: int | None  # None: the broker did not say (tansu lists no members)
     partitions: list[PartitionLag] = field(default_factory=list)
 
 
@@ -71,7 +74,9 @@ def measure(settings: Settings, timeout: float = 10.0) -> list[GroupLag]:
         try:
             description = future.result()
             state = str(description.state).rsplit(".", 1)[-1].lower()
-            members = len(description.members)
+            members: int | None = len(description.members)
+            if state == "stable" and not description.members:
+                members = None  # impossible on Kafka: a stable group has a member
         except Exception:
             state, members = "unknown", 0
         result.append(GroupLag(group, state, members))
@@ -130,13 +135,32 @@ def _partition_lags(
         consumer.close()
 
 
+_exported_state: dict[str, str] = {}  # group -> the state its info series carries
+
+
 def export(groups: list[GroupLag]) -> None:
-    """Set the lag gauges from a measurement."""
+    """Set the lag gauges from a measurement; a group's info series carries its current state only."""
     for g in groups:
-        MEMBERS.labels(g.group).set(g.members)
+        if g.members is not None:
+            MEMBERS.labels(g.group).set(g.members)
+        previous = _exported_state.get(g.group)
+        if previous is not None and previous != g.state:
+            INFO.remove(g.group, previous)
+        _exported_state[g.group] = g.state
         INFO.labels(g.group, g.state).set(1)
         for p in g.partitions:
             LAG.labels(g.group, p.topic, str(p.partition)).set(p.lag)
             LAG_SECONDS.labels(g.group, p.topic, str(p.partition)).set(p.lag_seconds)
         MAX_LAG.labels(g.group).set(max((p.lag for p in g.partitions), default=0))
         MAX_LAG_SECONDS.labels(g.group).set(max((p.lag_seconds for p in g.partitions), default=0.0))
+
+
+def lag_lines(groups: list[GroupLag]) -> list[str]:
+    """The measurement for a terminal: a line per group, then one per partition."""
+    lines = []
+    for group in groups:
+        members = "?" if group.members is None else group.members
+        lines.append(f"{group.group}  state={group.state}  members={members}")
+        lines += [f"  {p.topic}[{p.partition}]  committed={p.committed}  high={p.high_watermark}"
+                  f"  lag={p.lag}  lag_seconds={p.lag_seconds:.1f}" for p in group.partitions]
+    return lines or ["no consumer group of the pipeline found"]

@@ -215,13 +215,15 @@ class QuotaSync:
             return await self.sync_once(source)
         except QuotaError as exc:
             log.warning("quota sync of account %s failed (HTTP status %s): %s",
-                        source.account, exc.status if exc.status is not None else "none", exc)
+                        source.account, exc.status if exc.status is not None else "none", exc,
+                        extra={"event": "quota.sync_failed", "account": source.account})
         except RedisError as exc:
             log.warning("quota sync of account %s could not store the quota: %s: %s",
-                        source.account, type(exc).__name__, exc)
+                        source.account, type(exc).__name__, exc,
+                        extra={"event": "quota.sync_failed", "account": source.account})
         except Exception as exc:  # a poll must never end the loop; the message may hold a URL
             log.error("quota sync of account %s failed unexpectedly: %s", source.account,
-                      type(exc).__name__)
+                      type(exc).__name__, extra={"event": "quota.sync_failed", "account": source.account})
         SYNC_ERRORS.labels(source.account).inc()
         return None
 

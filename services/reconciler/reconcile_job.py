@@ -126,7 +126,7 @@ async def reconcile(
     """Check every invariant; repair what is safe when `repair`; report everything found."""
     now = now or datetime.now(UTC)
     await conn.execute(_LOCK)
-    findings = await _stuck(conn, now - stuck_after, now)
+    findings = await stuck_campaigns(conn, now - stuck_after, now)
     lost = await _lost_outcomes(conn)
     unlogged = await _unlogged(conn)
     campaigns = await _campaign_rows(conn)
@@ -201,7 +201,8 @@ def _campaign_findings(
     return terminal + wrong_counts + completion
 
 
-async def _stuck(conn: AsyncConnection, before: datetime, now: datetime) -> list[Finding]:
+async def stuck_campaigns(conn: AsyncConnection, before: datetime, now: datetime) -> list[Finding]:
+    """Sending campaigns with recipients waiting, no progress since `before` and no deferral ahead."""
     cur = await conn.execute(
         """
         SELECT c.campaign_id, w.waiting, c.defer_reason, c.deferred_until,

@@ -55,6 +55,10 @@ def test_services_serve_metrics_during_a_campaign(
     assert value(reconciler, 'mailer_circuit_breakers_open{scope="account"}') == 0
     assert "mailer_dead_letters_total" in scrape(ports["planner"])
     # the reconciler exports the consumer groups' lag (services/pipeline/consumer_lag.py)
-    assert f'kminion_kafka_consumer_group_members{{group_id="{settings.app_id("sender")}"}}' in reconciler
+    sender_group = settings.app_id("sender")
+    states = [line for line in reconciler.splitlines()
+              if line.startswith(f'kminion_kafka_consumer_group_info{{group_id="{sender_group}",')]
+    assert len(states) == 1 and states[0].endswith(" 1.0"), states  # the current state only
+    assert f'kafka_consumergroup_group_max_lag_seconds{{group="{sender_group}"}}' in reconciler
     for text in (sender, reconciler):
         assert "metrics.example.com" not in text and "measured" not in text  # no per-recipient labels
