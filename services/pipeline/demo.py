@@ -306,10 +306,14 @@ def _run(
     names = ["planner", *(f"sender-{i}" for i in range(1, args.senders + 1)), "reconciler"]
     services: list[Child] = []
     cleanup.add("services", lambda: stop_processes([c.process for c in services], timeout=15.0))
+    metrics_ports = {name: free_port() for name in names}
     for name in names:
-        services.append(spawn(name, mailer_argv(name.split("-")[0]), env, run_dir))
+        services.append(spawn(name, mailer_argv(name.split("-")[0], "--metrics-port",
+                                                str(metrics_ports[name])), env, run_dir))
     children = [*services, sink]
     print(f"services: {', '.join(names)} (logs in {run_dir})", flush=True)
+    print("metrics: " + ", ".join(f"{name} http://127.0.0.1:{port}/metrics"
+                                  for name, port in metrics_ports.items()), flush=True)
     started = time.monotonic()
     while not port_open("127.0.0.1", http_port):
         for child in children:

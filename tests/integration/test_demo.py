@@ -30,4 +30,6 @@ def test_demo_sends_all_but_the_bounce(tmp_path: Path) -> None:
     assert re.search(r"^\s*failed\s+1$", result.stdout, re.M), output
     assert "b***@example.com  550" in result.stdout, output
     assert "bounce-demo@example.com" not in result.stdout
+    assert re.search(r"^metrics: planner http://127\.0\.0\.1:\d+/metrics, sender-1 http://\S+/metrics, "
+                     r"reconciler http://\S+/metrics$", result.stdout, re.M), output
     assert list((tmp_path / ".demo").iterdir()), "no run directory"
