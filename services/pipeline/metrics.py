@@ -52,12 +52,28 @@ STALLED_SECONDS = Gauge(
 )
 CAMPAIGN_SECONDS = Histogram(
     "mailer_campaign_duration_seconds", "From start to completion of a campaign.",
-    buckets=(60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400),
+    buckets=(10, 30, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400),
 )
+
+
+def zero_known_series(service: str) -> None:
+    """Export the label sets every process may count at 0 from the start, so that the first
+    increment after a (re)start shows in `rate()` and `increase()` (alerts and panels)."""
+    from services.pipeline.defer_reasons import DeferReason
+
+    for outcome, error_class in (("sent", "none"), ("failed", "permanent"), ("unknown", "none")):
+        SENDS.labels(outcome, error_class)
+    for outcome in ("sent", "failed"):
+        SMTP_SECONDS.labels(outcome)
+    for reason in DeferReason:
+        DEFERRALS.labels(reason.value)
+    for error_type in ("invalid_message", "invalid_campaign", "unknown_campaign", "internal_error"):
+        DEAD_LETTERS.labels(service, error_type)
 
 
 def serve_metrics(settings: Settings, service: str) -> None:
     """Serve this process's `/metrics` on MAILER_METRICS_PORT, when it is set."""
+    zero_known_series(service)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.metrics_host)
         log.info("metrics on %s:%d/metrics", settings.metrics_host, settings.metrics_port,

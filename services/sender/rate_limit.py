@@ -151,6 +151,8 @@ class Limiter:
         self._outage_since: float | None = None
         self._probe_after = 0.0
         self._epoch = ""  # the epoch Redis last showed us
+        for operation in ("reserve", "capacity", "refund", "feedback"):
+            REDIS_ERRORS.labels(operation)  # at 0 from the start: the first error shows in increase()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limiter:
