@@ -25,6 +25,7 @@ from services.pipeline.embedded import free_port, start_broker
 from services.pipeline.limiter_keys import LimiterKeys
 from services.pipeline.migrations import migrate
 from services.pipeline.settings import Settings
+from tests.support.poll import API_ACTOR, API_TOKEN, write_token_file
 from tests.support.processes import ServiceRunner, run_services
 from tests.support.smtp_server import SmtpServer
 
@@ -139,8 +140,9 @@ def smtp_server() -> Iterator[SmtpServer]:
 
 @pytest.fixture
 def settings(kafka_bootstrap: str, database_url: str, redis_url: str,
-             smtp_server: SmtpServer) -> Settings:
-    """Settings of one isolated pipeline: own topics, groups, database and ports."""
+             smtp_server: SmtpServer, tmp_path: Path) -> Settings:
+    """Settings of one isolated pipeline: own topics, groups, database and ports; an API
+    tokens file holding the `ops` token `tests.support.poll.API_TOKEN` (what `get_json` sends)."""
     run = uuid.uuid4().hex[:8]
     return replace(
         Settings(),
@@ -161,6 +163,7 @@ def settings(kafka_bootstrap: str, database_url: str, redis_url: str,
         working_hours="00:00-24:00",
         working_days="1-7",
         release_interval=0.2,
+        api_tokens_file=write_token_file(tmp_path / "api_tokens.json", (API_TOKEN, API_ACTOR, "ops")),
     )
 
 

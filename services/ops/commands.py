@@ -144,7 +144,7 @@ def _lifecycle(args: argparse.Namespace, settings: Settings) -> int:
         print(f"mailer ops: {args.campaign_id} is {before}; it cannot be {want} again", file=sys.stderr)
         return 1
     try:
-        message = lifecycle_message(args.ops_command, args.campaign_id, args.actor, args.reason)
+        message = lifecycle_message(args.ops_command, args.campaign_id, args.actor, args.reason, "ops")
     except PublishError as exc:
         print(f"mailer ops: {exc}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from services.pipeline.accounts import AccountsError, load_accounts
+from services.pipeline.api_tokens import ROLES, ApiTokensError, load_api_tokens
 from services.pipeline.settings import Settings, SettingsError, markdown_table
 
 
@@ -126,6 +127,25 @@ def _settings(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _api_token(args: argparse.Namespace, settings: Settings) -> int:
+    import orjson
+
+    from services.pipeline.api_tokens import new_token, token_entry
+
+    token = new_token()
+    try:
+        entry = token_entry(token, args.actor, args.role)
+    except ApiTokensError as exc:
+        print(f"mailer: api-token: {exc}", file=sys.stderr)
+        return 2
+    print(token, flush=True)  # stdout holds the token alone: TOKEN=$(mailer api-token ...)
+    print(f"the token (on stdout) is shown once and stored nowhere: give it to {args.actor}; "
+          'add this entry to the "tokens" list of MAILER_API_TOKENS_FILE and restart the '
+          "reconciler:", file=sys.stderr)
+    print(orjson.dumps(entry).decode(), file=sys.stderr)
+    return 0
+
+
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 
@@ -188,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add("settings", _settings, "print every setting: variable, default, meaning")
+
+    api_token = add("api-token", _api_token,
+                    "make an HTTP API bearer token: the token on stdout (shown once), "
+                    "the MAILER_API_TOKENS_FILE entry (its SHA-256) on stderr")
+    api_token.add_argument("--actor", required=True, metavar="ID",
+                           help="who presents the token (a manager's id for --role manager)")
+    api_token.add_argument("--role", required=True, choices=ROLES,
+                           help="manager: own campaigns only; ops, admin: every campaign")
     return parser
 
 
@@ -198,7 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         load_accounts(settings)  # a bad accounts file stops every command here, with its reason
-    except (SettingsError, AccountsError) as exc:
+        load_api_tokens(settings)  # so does a bad API tokens file
+    except (SettingsError, AccountsError, ApiTokensError) as exc:
         print(f"mailer: configuration error: {exc}", file=sys.stderr)
         return 2
     handler: Handler = args.handler

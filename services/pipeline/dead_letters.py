@@ -1,7 +1,8 @@
 """The dead-letter step: a message no service can accept goes here, with why.
 
 Contract: `dead_letter_message()` builds a `dead_letter` event holding the
-reason, the source coordinates and the original key and value (base64), and
+reason, the source coordinates and the original key and value (base64, the
+first MAX_ORIGINAL_BYTES of each, the reason saying when cut), and
 `DeadLetters.send()` produces it and waits for the broker's acknowledgement,
 so the offset of the bad message is committed only once its dead letter is
 durable. The service then goes on with the next message.
@@ -21,8 +22,20 @@ from services.pipeline.topics import Topic, topic_name
 log = logging.getLogger(__name__)
 
 
+#: Most bytes of a rejected key or value a dead letter keeps: a dead letter must itself fit the
+#: broker's message limit (base64 adds a third), or it could never be produced.
+MAX_ORIGINAL_BYTES = 256 * 1024
+
+
 def _b64(data: bytes | None) -> str | None:
-    return None if data is None else base64.b64encode(data).decode("ascii")
+    return None if data is None else base64.b64encode(data[:MAX_ORIGINAL_BYTES]).decode("ascii")
+
+
+def _truncation_note(key: bytes | None, value: bytes | None) -> str:
+    cut = [f"{name} truncated to its first {MAX_ORIGINAL_BYTES} of {len(data)} bytes"
+           for name, data in (("original key", key), ("original value", value))
+           if data is not None and len(data) > MAX_ORIGINAL_BYTES]
+    return f" ({'; '.join(cut)})" if cut else ""
 
 
 def dead_letter_message(
@@ -45,7 +58,7 @@ def dead_letter_message(
         source_topic=source_topic,
         source_partition=partition,
         source_offset=offset,
-        reason=reason[:2000],
+        reason=(reason[:1800] + _truncation_note(key, value))[:2000],
         error_type=error_type,
         original_key_b64=_b64(key),
         original_value_b64=_b64(value) or "",

@@ -5,7 +5,9 @@ and Redis, an SMTP sink that bounces `bounce-demo@example.com`, applies the
 migrations, runs planner, `args.senders` senders and the reconciler as child
 processes (logs in `.demo/<stamp>/`), publishes a campaign of
 `args.recipients` recipients and follows it through the reconciler's poll
-endpoint until it completes or `args.timeout` passes. It prints a summary and
+endpoint, with an `ops` bearer token of its own (only its hash is written, to
+`<run dir>/api_tokens.json`; the token is never printed), until it completes
+or `args.timeout` passes. It prints a summary and
 stops everything it started, also on error and on Ctrl-C/SIGTERM. Topic and
 consumer-group names carry a per-run prefix, so runs against a shared broker
 are independent. Returns 0 only when the campaign completed with every
@@ -31,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+import orjson
 
 from services.pipeline.demo_progress import (
     TERMINAL,
@@ -177,6 +181,9 @@ def demo_campaign(campaign_id: str) -> dict[str, Any]:
     return {
         "campaign_id": campaign_id,
         "manager_id": "demo-manager",
+        "actor_id": "demo-manager",
+        "actor_role": "manager",
+        "confirmed": True,  # the demo's manager confirms its size at start (above 1,000 recipients)
         "name": "Mailer demo",
         "from": {"email": "demo@example.com", "name": "Campaign Mailer Demo"},
         "template": {
@@ -260,6 +267,7 @@ def _run(
     print(f"redis: {rd.description}", flush=True)
 
     smtp_port, http_port = free_port(), free_port()
+    api_token, tokens_file = _api_token_file(run_dir)
     demo = dataclasses.replace(
         settings,
         kafka_bootstrap_servers=bootstrap,
@@ -275,6 +283,7 @@ def _run(
         smtp_password_file="",
         http_host="127.0.0.1",
         http_port=http_port,
+        api_tokens_file=str(tokens_file),
         # the demo shows the pipeline at full speed, at any hour: limits lifted, own Redis keys
         redis_key_prefix=f"{settings.redis_key_prefix}-demo-{stamp}",
         hourly_rate=0,
@@ -323,7 +332,7 @@ def _run(
                             f"{SERVICE_START_TIMEOUT:.0f}s; see {services[-1].log_path}")
         time.sleep(0.2)
     print(f"poll endpoint: http://127.0.0.1:{http_port}/campaigns/<id> "
-          f"(up after {time.monotonic() - started:.1f}s)", flush=True)
+          f"(up after {time.monotonic() - started:.1f}s; bearer tokens: {tokens_file})", flush=True)
 
     # 4. publish and follow
     campaign_id = f"demo-{stamp}"
@@ -335,7 +344,7 @@ def _run(
     t0 = time.monotonic()
     asyncio.run(publish_campaign(demo, demo_campaign(campaign_id), recipients, args.chunk_size))
     print(f"published in {time.monotonic() - t0:.1f}s", flush=True)
-    view, wall = _follow(args, http_port, campaign_id, len(recipients), children, t0)
+    view, wall = _follow(args, http_port, api_token, campaign_id, len(recipients), children, t0)
     return _summary(view, wall, len(recipients))
 
 
@@ -357,8 +366,20 @@ def _migrate(database_url: str) -> None:
     print(f"migrations: {', '.join(applied) if applied else 'up to date'}", flush=True)
 
 
+def _api_token_file(run_dir: Path) -> tuple[str, Path]:
+    """A fresh `ops` token for the demo's polling and the tokens file (its hash only) the
+    reconciler reads; the token stays in this process and is never printed."""
+    from services.pipeline.api_tokens import new_token, token_entry
+
+    token = new_token()
+    path = (run_dir / "api_tokens.json").resolve()
+    path.write_bytes(orjson.dumps({"tokens": [token_entry(token, "demo", "ops")]}))
+    return token, path
+
+
+
 def _follow(
-    args: argparse.Namespace, http_port: int, campaign_id: str, total: int,
+    args: argparse.Namespace, http_port: int, api_token: str, campaign_id: str, total: int,
     children: list[Child], t0: float,
 ) -> tuple[dict[str, Any], float]:
     plain = bool(args.no_progress) or not sys.stdout.isatty()
@@ -368,7 +389,7 @@ def _follow(
         while True:
             for child in children:
                 child.check()
-            view = fetch_campaign(http_port, campaign_id)
+            view = fetch_campaign(http_port, api_token, campaign_id)
             elapsed = time.monotonic() - t0
             status = str(view.get("status")) if view else "waiting"
             progress.update(status, counts_of(view), elapsed)

@@ -26,11 +26,14 @@ class PollError(RuntimeError):
     """The poll endpoint answered with an unexpected HTTP error."""
 
 
-def fetch_campaign(port: int, campaign_id: str, timeout: float = 2.0) -> dict[str, Any] | None:
-    """The poll endpoint's JSON, or None while the campaign (or endpoint) is not there."""
+def fetch_campaign(port: int, token: str, campaign_id: str,
+                   timeout: float = 2.0) -> dict[str, Any] | None:
+    """The poll endpoint's JSON fetched with bearer `token`, or None while the campaign (or the
+    endpoint) is not there; another HTTP error (a refused token) raises PollError."""
     url = f"http://127.0.0.1:{port}/campaigns/{campaign_id}"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     try:
-        with _OPENER.open(url, timeout=timeout) as response:
+        with _OPENER.open(request, timeout=timeout) as response:
             data = json.loads(response.read())
     except urllib.error.HTTPError as exc:
         if exc.code in (404, 503):  # not there yet / still starting

@@ -71,22 +71,24 @@ def campaign_messages(
             raise PublishError(_recipient_error(exc.reason, index * chunk_size, recipients)) from None
 
 
-def lifecycle_message(kind: str, campaign_id: str, actor_id: str, reason: str | None) -> Message:
-    """A validated pause, resume, cancel or resend command."""
-    message = envelope(f"campaign.{kind}", campaign_id=campaign_id, actor_id=actor_id)
+def lifecycle_message(kind: str, campaign_id: str, actor_id: str, reason: str | None,
+                      role: str = "manager") -> Message:
+    """A validated pause, resume, cancel, resend or confirm command of `actor_id` in `role`."""
+    message = envelope(f"campaign.{kind}", campaign_id=campaign_id, actor_id=actor_id, actor_role=role)
     if reason:
         message["reason"] = reason
     return _checked(message, Topic.CAMPAIGN_COMMANDS, kind)
 
 
-def test_email_message(campaign: dict[str, Any], to: str, actor_id: str) -> Message:
-    """A validated test-email command for `campaign`'s template, sent to `to`."""
+def test_email_message(campaign: dict[str, Any], to: str, actor_id: str, role: str = "manager") -> Message:
+    """A validated test-email command for `campaign`'s template, sent to `to`, by `actor_id` in `role`."""
     fields = ("campaign_id", "manager_id", "account", "from", "reply_to", "template",
               "variables", "unsubscribe_url")
     message = envelope(
         "campaign.test_email",
         **{k: campaign[k] for k in fields if k in campaign},
         actor_id=actor_id,
+        actor_role=role,
         to={"email": to},
     )
     return _checked(message, Topic.CAMPAIGN_COMMANDS, "test email")
@@ -158,7 +160,10 @@ def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
     start.add_argument("--campaign", type=Path, required=True, help="campaign JSON file")
     start.add_argument("--recipients", type=Path, required=True, help="recipients CSV file")
     start.add_argument("--chunk-size", type=int, default=1000, help="recipients per chunk (≤1000)")
-    for kind in ("pause", "resume", "cancel", "resend"):
+    start.add_argument("--actor", default=None, help="who starts it (default: the campaign's manager)")
+    start.add_argument("--confirmed", action="store_true",
+                       help="confirm a campaign above MAILER_CONFIRM_RECIPIENTS recipients now")
+    for kind in ("pause", "resume", "cancel", "resend", "confirm"):
         p = sub.add_parser(kind, help=f"{kind} a campaign")
         p.add_argument("campaign_id")
         p.add_argument("--actor", required=True, help="who asks (recorded in the audit log)")
@@ -167,6 +172,9 @@ def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
     test.add_argument("--campaign", type=Path, required=True, help="campaign JSON file")
     test.add_argument("--to", required=True, help="address to send the test to")
     test.add_argument("--actor", required=True)
+    for p in (start, test, *(sub.choices[k] for k in ("pause", "resume", "cancel", "resend", "confirm"))):
+        p.add_argument("--role", choices=("manager", "ops", "admin"), default="manager",
+                       help="the actor's role: a manager acts on own campaigns only (default manager)")
 
 
 def publish_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -174,13 +182,17 @@ def publish_command(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.publish_kind == "start":
             recipients = read_recipients(args.recipients)
-            messages = list(
-                campaign_messages(read_campaign(args.campaign), recipients, args.chunk_size)
-            )
+            definition = read_campaign(args.campaign)
+            definition.setdefault("actor_id", args.actor or definition.get("manager_id"))
+            definition.setdefault("actor_role", args.role)
+            if args.confirmed:
+                definition["confirmed"] = True
+            messages = list(campaign_messages(definition, recipients, args.chunk_size))
         elif args.publish_kind == "test-email":
-            messages = [test_email_message(read_campaign(args.campaign), args.to, args.actor)]
+            messages = [test_email_message(read_campaign(args.campaign), args.to, args.actor, args.role)]
         else:
-            messages = [lifecycle_message(args.publish_kind, args.campaign_id, args.actor, args.reason)]
+            messages = [lifecycle_message(args.publish_kind, args.campaign_id, args.actor, args.reason,
+                                          args.role)]
     except PublishError as exc:
         print(f"mailer publish: {exc}", file=sys.stderr)
         return 2

@@ -73,6 +73,29 @@ class Settings:
     max_chunk_recipients: int = setting(
         "MAILER_MAX_CHUNK_RECIPIENTS", 1000, "Most recipients one recipient chunk may hold."
     )
+    # --- guards at start (R13-R15) ---------------------------------------------
+    max_campaign_recipients: int = setting(
+        "MAILER_MAX_RECIPIENTS", 10_000,
+        "Most recipients of one campaign, counted over every chunk; a larger start is refused.",
+    )
+    warn_campaign_recipients: int = setting(
+        "MAILER_WARN_RECIPIENTS", 5_000, "Above this many recipients a start carries a warning.",
+    )
+    confirm_campaign_recipients: int = setting(
+        "MAILER_CONFIRM_RECIPIENTS", 1_000,
+        "Above this many recipients a start without `confirmed` waits as needs_confirmation "
+        "for a campaign.confirm.",
+    )
+    starts_per_hour: int = setting(
+        "MAILER_STARTS_PER_HOUR", 10, "Campaign starts per manager per sliding hour (0: no limit).",
+    )
+    test_emails_per_hour: int = setting(
+        "MAILER_TEST_EMAILS_PER_HOUR", 5, "Test emails per manager per sliding hour (0: no limit).",
+    )
+    max_active_campaigns: int = setting(
+        "MAILER_MAX_ACTIVE_CAMPAIGNS", 5,
+        "Most campaigns of one manager sending, paused or awaiting confirmation at once.",
+    )
     # --- sender ---------------------------------------------------------------
     sender_concurrency: int = setting(
         "MAILER_SENDER_CONCURRENCY", 16, "Send commands one sender process works on at once."
@@ -210,6 +233,12 @@ class Settings:
         "MAILER_FAILED_RECIPIENTS_LIMIT", 100,
         "Most failed recipients listed by the poll endpoint (the count is always exact).",
     )
+    api_tokens_file: str = setting(
+        "MAILER_API_TOKENS_FILE", "",
+        "JSON file of the HTTP API's bearer tokens, stored as SHA-256 hashes, each mapped to an "
+        "actor and a role (`manager`: own campaigns only, `ops`, `admin`); `mailer api-token` "
+        "makes one. Empty: every API request is refused with 401 (`/healthz` stays open).",
+    )
     # --- operations -----------------------------------------------------------
     metrics_port: int = setting(
         "MAILER_METRICS_PORT", 0,
@@ -249,7 +278,8 @@ class Settings:
                 f"not {self.limiter_outage_policy!r}"
             )
         for name in ("send_commands_partitions", "sender_concurrency", "smtp_pool_size",
-                     "max_chunk_recipients", "reconciler_batch_size", "sender_instances",
+                     "max_chunk_recipients", "max_campaign_recipients", "max_active_campaigns",
+                     "reconciler_batch_size", "sender_instances",
                      "transient_max_attempts", "breaker_threshold"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{env_var(name)} must be at least 1")

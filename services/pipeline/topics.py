@@ -65,6 +65,7 @@ REGISTRY: dict[Topic, TopicSpec] = {
                 "campaign.resume",
                 "campaign.cancel",
                 "campaign.resend",
+                "campaign.confirm",
                 "campaign.test_email",
             ),
             partitions=4,

@@ -1,11 +1,15 @@
 """The planner service: campaign commands in, one send command per recipient out.
 
-Contract: consumes `mailer.campaign-commands`; a `campaign.start` is recorded
-(its definition, never its recipients); each `campaign.recipients` chunk and
-each `campaign.test_email` is planned by `plan_chunk.plan`. Lifecycle commands
-(pause, resume, cancel) belong to the reconciler and are skipped here. An
-invalid command, or a chunk whose campaign was never started, goes to the
-dead-letter topic with the reason; the planner goes on.
+Contract: consumes `mailer.campaign-commands`; a `campaign.start` is admitted
+(`services/pipeline/admission.py`, the decision the reconciler reads too) and
+recorded (its definition, never its recipients); each `campaign.recipients`
+chunk and each admitted `campaign.test_email` is planned by `plan_chunk.plan`.
+The chunks of a campaign that needs confirmation are held in Postgres and
+planned, in order, when a permitted `campaign.confirm` arrives. Other
+lifecycle commands belong to the reconciler and are skipped here. An invalid
+command, a chunk whose campaign was never started or was refused, and a chunk
+that would take its campaign above MAILER_MAX_RECIPIENTS go to the dead-letter
+topic with the reason; the planner goes on.
 """
 
 from __future__ import annotations
@@ -15,9 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import faust
+from redis.asyncio import Redis
 
 from services.pipeline import faust_app
 from services.pipeline.accounts import load_accounts
+from services.pipeline.admission import Admissions, permitted
+from services.pipeline.admission_texts import refusal_texts
+from services.pipeline.clock import clock_from_settings
 from services.pipeline.contract import Message
 from services.pipeline.db import open_pool
 from services.pipeline.dead_letters import DeadLetters
@@ -27,6 +35,7 @@ from services.pipeline.producer import AsyncProducer
 from services.pipeline.retry import retry_transient
 from services.pipeline.settings import Settings
 from services.pipeline.topics import Topic, topic_name
+from services.planner import chunks
 from services.planner.campaign_store import CampaignStore
 from services.planner.plan_chunk import plan, unique_recipients
 
@@ -44,6 +53,7 @@ class PlannerParts:
     dead_letters: DeadLetters
     send_topic: str
     pool: Any
+    admissions: Admissions
 
 
 #: Test emails go before campaign sends competing for the same account (R5, R6).
@@ -63,12 +73,15 @@ class Planner:
         if self.parts is None:
             pool = await open_pool(self.settings, name=SERVICE)
             producer = AsyncProducer(self.settings, client_id=self.settings.app_id(SERVICE))
+            redis = Redis.from_url(self.settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
             self.parts = PlannerParts(
                 store=CampaignStore(pool),
                 producer=producer,
                 dead_letters=DeadLetters(producer, self.settings, SERVICE),
                 send_topic=topic_name(Topic.SEND_COMMANDS, self.settings),
                 pool=pool,
+                admissions=Admissions(self.settings, self.accounts, clock_from_settings(self.settings),
+                                      redis),
             )
         return self.parts
 
@@ -77,6 +90,7 @@ class Planner:
         if self.parts is not None:
             await self.parts.producer.close()
             await self.parts.pool.close()
+            await self.parts.admissions.redis.aclose()
             self.parts = None
 
     async def handle(self, event: Any) -> None:
@@ -97,12 +111,19 @@ class Planner:
         kind = message["kind"]
         if kind == "campaign.start":
             message["account"] = self.accounts.route(message.get("account"), message["manager_id"])
+            async with parts.pool.connection() as conn:
+                admitted = await parts.admissions.start(conn, message)
             await parts.store.save(message)
-            log.info("campaign %s: start recorded", message["campaign_id"])
+            log.info("campaign %s: start recorded (%s)", message["campaign_id"], admitted.decision)
         elif kind == "campaign.recipients":
             await self._plan_chunk(event, message, parts)
         elif kind == "campaign.test_email":
-            await self._plan_test_email(message, parts)
+            async with parts.pool.connection() as conn:
+                admitted = await parts.admissions.test_email(conn, message)
+            if admitted.goes_ahead:
+                await self._plan_test_email(message, parts)
+        elif kind == "campaign.confirm":
+            await self._confirm(message, parts)
 
     async def _plan_chunk(self, event: Any, chunk: Message, parts: PlannerParts) -> None:
         campaign_id = chunk["campaign_id"]
@@ -124,6 +145,32 @@ class Planner:
                 error_type="unknown_campaign", campaign_id=campaign_id,
             )
             return
+        decision = await chunks.admission(parts.pool, campaign_id)
+        if decision in ("refused", "forbidden"):
+            await reject(
+                event, parts.dead_letters,
+                f"chunk {chunk['chunk_index']} of campaign {campaign_id!r}: the campaign was {decision} "
+                "at start (its status event says why); its recipients are not sent",
+                error_type="campaign_refused", campaign_id=campaign_id,
+            )
+            return
+        held = decision == "needs_confirmation"
+        limit = self.settings.max_campaign_recipients
+        total = await chunks.record(parts.pool, chunk, held=held, limit=limit)
+        if total > limit:
+            en, _ = refusal_texts("recipients_over_limit", chunk=chunk["chunk_index"], total=total,
+                                  limit=limit)
+            await reject(event, parts.dead_letters, en, error_type="recipients_over_limit",
+                         campaign_id=campaign_id)
+            return
+        if held:
+            log.info("campaign %s: chunk %s held until the campaign is confirmed",
+                     campaign_id, chunk["chunk_index"])
+            return
+        await self._plan_recipients(parts, definition, chunk)
+
+    async def _plan_recipients(self, parts: PlannerParts, definition: dict[str, Any], chunk: Message) -> None:
+        campaign_id, recipients = chunk["campaign_id"], chunk["recipients"]
         produced = await plan(
             parts.pool, parts.producer, parts.send_topic, definition,
             unique_recipients(campaign_id, recipients),
@@ -132,6 +179,18 @@ class Planner:
             "campaign %s: chunk %s planned, %d send commands produced (%d recipients)",
             campaign_id, chunk["chunk_index"], produced, len(recipients),
         )
+
+    async def _confirm(self, command: Message, parts: PlannerParts) -> None:
+        """Plan the held chunks of a permitted confirm, in order (a replay finds none held)."""
+        campaign_id = command["campaign_id"]
+        definition = await parts.store.load(campaign_id)
+        if definition is None or not permitted(command["actor_id"], command["actor_role"],
+                                               definition["manager_id"]):
+            return  # unknown, or forbidden: the reconciler announces it
+        await chunks.confirm(parts.pool, campaign_id)
+        for chunk in await chunks.held(parts.pool, campaign_id):
+            await self._plan_recipients(parts, definition, chunk)
+            await chunks.release(parts.pool, campaign_id, chunk["chunk_index"])
 
     async def _plan_test_email(self, command: Message, parts: PlannerParts) -> None:
         definition: dict[str, Any] = {

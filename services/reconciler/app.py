@@ -32,6 +32,7 @@ from aiohttp import web
 
 from services.pipeline import faust_app
 from services.pipeline.accounts import load_accounts
+from services.pipeline.admission import Admissions
 from services.pipeline.clock import clock_from_settings
 from services.pipeline.consumer_lag import export, measure
 from services.pipeline.contract import Message
@@ -87,6 +88,7 @@ class Reconciler:
         self.limiter: Limiter | None = None
         self.releaser: Releaser | None = None
         self.quota_sync: QuotaSync | None = None
+        self.admissions: Admissions | None = None
 
     async def start(self) -> None:
         """Open the pool, the producer and the poll endpoint (once)."""
@@ -96,6 +98,7 @@ class Reconciler:
                 self.producer = AsyncProducer(self.settings, client_id=self.settings.app_id(SERVICE))
                 self.dead_letters = DeadLetters(self.producer, self.settings, SERVICE)
                 self.limiter = Limiter.from_settings(self.settings)
+                self.admissions = Admissions(self.settings, self.accounts, self.clock, self.limiter.redis)
                 self.releaser = Releaser(
                     self.pool, self.producer, self.limiter, self.accounts, self.clock,
                     topic_name(Topic.SEND_COMMANDS, self.settings), self.status_topic,
@@ -194,10 +197,15 @@ class Reconciler:
         await suppressions.apply_suppressions(conn, messages)
 
     async def _commands_tx(self, conn: Any, commands: list[Message]) -> None:
-        changes, touched = await projections.apply_commands(conn, commands, self.accounts)
+        assert self.admissions is not None
+        changes, touched = await projections.apply_commands(
+            conn, commands, self.accounts, self.admissions, self.settings.max_campaign_recipients,
+        )
+        changes += await projections.admit_test_emails(conn, commands, self.admissions)
         for command in commands:
             if command["kind"] == "campaign.resend":
-                changes += await resend(conn, command, self.send_topic)
+                refused = await projections.forbidden_change(conn, command)
+                changes += [refused] if refused is not None else await resend(conn, command, self.send_topic)
         changes += await projections.refresh_campaigns(conn, touched)
         changes += await deferrals.refresh_queue_state(conn, touched)
         await status_events.record(conn, changes, self.status_topic)

@@ -73,6 +73,15 @@ async def campaign_view(
     )
     status = "deferred" if c["status"] == "sending" and c["defer_reason"] else c["status"]
     schedule = await _schedule(c, status, views, lang) if views is not None else {}
+    if status in ("needs_confirmation", "refused"):
+        admitted = await fetch_dicts(
+            conn, "SELECT reason, reason_ru, reason_code FROM command_admissions WHERE admission_key = %s",
+            (f"start:{campaign_id}",),
+        )
+        if admitted:
+            text = admitted[0]["reason_ru" if lang == "ru" else "reason"]
+            schedule["reason"] = status_text(status, lang, reason=text)
+            schedule["reason_code"] = admitted[0]["reason_code"]
     return {
         "campaign_id": c["campaign_id"],
         "name": c["name"],
@@ -102,6 +111,9 @@ async def campaign_view(
             for f in failed
         ],
         "failed_recipients_truncated": c["failed"] > len(failed),
+        "warnings": [{"code": w["code"], "text": w["text_ru" if lang == "ru" else "text"],
+                      **({"starts_at": w["starts_at"]} if "starts_at" in w else {})}
+                     for w in c["warnings"]],
         "circuit_breaker": await breaker_state(conn, campaign_id),
         **{k: _iso(c[k]) for k in _TIMESTAMPS},
     }

@@ -16,12 +16,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
 from services.pipeline import circuit_breaker
 from services.pipeline.accounts import Accounts
+from services.pipeline.admission import Admission, Admissions, forbidden_texts, permitted
+from services.pipeline.admission_texts import refusal_texts
 from services.pipeline.contract import Message
 from services.pipeline.db import CAMPAIGN_LOCK
 from services.pipeline.ids import send_id
@@ -51,54 +54,132 @@ class StatusChange:
     announce: bool = True  # publish a campaign.status event (False: audit only)
     defer_reason: str = ""  # set when `after` is "deferred"
     deferred_until: datetime | None = None
+    event_status: str = ""  # the event's status when it is not `after` (a forbidden command)
+    reason_code: str = ""  # why a command was refused, forbidden, or waits for confirmation
+    reason_ru: str = ""
+    warnings: tuple[dict[str, Any], ...] = ()
+    command: str = ""  # the kind of the command a refusal answers, when not the campaign's own change
 
 
 async def apply_commands(
-    conn: AsyncConnection, commands: Iterable[Message], accounts: Accounts
+    conn: AsyncConnection, commands: Iterable[Message], accounts: Accounts,
+    admissions: Admissions | None = None, max_recipients: int = 0,
 ) -> tuple[list[StatusChange], set[str]]:
-    """Apply campaign commands in order; return their status changes and the campaigns touched."""
+    """Apply campaign commands in order; return their status changes and the campaigns touched.
+
+    With `admissions`, a start is admitted first (services/pipeline/admission.py): a
+    refused or forbidden one becomes a `refused` campaign that never sends, a large
+    one waits as `needs_confirmation`. Without, every start is accepted (projection
+    tests). A pause, resume, cancel or confirm whose actor may not act on the
+    campaign changes nothing and gives a `forbidden` change. A chunk that would
+    bring its campaign above `max_recipients` (0: no maximum) is refused with a
+    status event; its recipients are not projected.
+    """
     changes: list[StatusChange] = []
     touched: set[str] = set()
     for command in commands:
         touched.add(command["campaign_id"])
         kind = command["kind"]
         if kind == "campaign.start":
-            changes.extend(await _start(conn, command, accounts))
+            admitted = Admission("accepted") if admissions is None else await admissions.start(conn, command)
+            changes.extend(await _start(conn, command, accounts, admitted))
         elif kind == "campaign.recipients":
-            await _chunk(conn, command)
+            changes.extend(await _chunk(conn, command, max_recipients))
         elif kind in _TRANSITIONS:
-            changes.extend(await _transition(conn, command))
+            refused = await forbidden_change(conn, command)
+            changes.extend([refused] if refused is not None else await _transition(conn, command))
     return changes, touched
 
 
-async def _start(conn: AsyncConnection, start: Message, accounts: Accounts) -> list[StatusChange]:
+#: An admission decision -> the campaign's status.
+_ADMITTED_STATUS = {"accepted": "sending", "needs_confirmation": "needs_confirmation",
+                    "refused": "refused", "forbidden": "refused"}
+
+
+async def _start(
+    conn: AsyncConnection, start: Message, accounts: Accounts, admitted: Admission
+) -> list[StatusChange]:
     hours = start.get("working_hours")
+    status = _ADMITTED_STATUS[admitted.decision]
+    reason = admitted.reason or "campaign started"
     cur = await conn.execute(
         """
-        INSERT INTO campaigns (campaign_id, manager_id, name, account, priority, status,
+        INSERT INTO campaigns (campaign_id, manager_id, name, account, priority, status, status_reason,
                                total_declared, chunks_declared, started, started_at, queued_at,
-                               rate_per_hour, working_hours, deadline)
-        VALUES (%s, %s, %s, %s, %s, 'sending', %s, %s, true, %s, %s, %s, %s, %s)
+                               rate_per_hour, working_hours, deadline, warnings)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, true, %s, %s, %s, %s, %s, %s)
         ON CONFLICT (campaign_id) DO NOTHING
         RETURNING campaign_id
         """,
         (
             start["campaign_id"], start["manager_id"], start.get("name", ""),
             accounts.route(start.get("account"), start["manager_id"]), start.get("priority", 5),
+            status, "" if admitted.goes_ahead else reason,
             start["total_recipients"], start["total_chunks"], start["occurred_at"],
             start["occurred_at"], start.get("rate_per_hour", 0),
-            None if hours is None else Jsonb(hours), start.get("deadline"),
+            None if hours is None else Jsonb(hours), start.get("deadline"), Jsonb(admitted.warnings),
         ),
     )
     if await cur.fetchone() is None:
         return []  # a replayed start
     return [
         StatusChange(
-            campaign_id=start["campaign_id"], before=None, after="sending",
+            campaign_id=start["campaign_id"], before=None, after=status,
             actor=start.get("actor_id") or start["manager_id"], action="start",
-            reason="campaign started", source_message_id=start["message_id"],
+            reason=reason, source_message_id=start["message_id"],
+            event_status="forbidden" if admitted.decision == "forbidden" else "",
+            reason_code=admitted.code, reason_ru=admitted.reason_ru, warnings=tuple(admitted.warnings),
         )
     ]
+
+
+async def forbidden_change(conn: AsyncConnection, command: Message) -> StatusChange | None:
+    """A `forbidden` change (audited, announced) when the command's actor may not act on its
+    campaign — a manager acts on own campaigns only (R16) — else None. Starts and test emails
+    are admitted by `Admissions`; chunks carry no actor; an unknown campaign is not refused here."""
+    action = _ACTED.get(command["kind"])
+    if action is None:
+        return None
+    cur = await conn.execute("SELECT manager_id, status FROM campaigns WHERE campaign_id = %s",
+                             (command["campaign_id"],))
+    row = await cur.fetchone()
+    if row is None or permitted(command["actor_id"], command["actor_role"], row[0]):
+        return None
+    en, ru = forbidden_texts(command["actor_id"], action, row[0])
+    return StatusChange(
+        campaign_id=command["campaign_id"], before=row[1], after=row[1], actor=command["actor_id"],
+        action=f"forbidden_{action}", reason=en, source_message_id=command["message_id"],
+        event_status="forbidden", reason_code="forbidden", reason_ru=ru, command=command["kind"],
+    )
+
+
+async def admit_test_emails(
+    conn: AsyncConnection, commands: list[Message], admissions: Admissions
+) -> list[StatusChange]:
+    """Admit each test email (the planner plans only those admitted); a refusal is announced."""
+    changes = []
+    for command in commands:
+        if command["kind"] != "campaign.test_email":
+            continue
+        admitted = await admissions.test_email(conn, command)
+        if admitted.goes_ahead:
+            continue
+        cur = await conn.execute("SELECT status FROM campaigns WHERE campaign_id = %s",
+                                 (command["campaign_id"],))
+        row = await cur.fetchone()
+        status = row[0] if row else None
+        changes.append(StatusChange(
+            campaign_id=command["campaign_id"], before=status, after=status or "refused",
+            actor=command["actor_id"], action="refuse_test_email", reason=admitted.reason,
+            source_message_id=command["message_id"], event_status=admitted.decision,
+            reason_code=admitted.code, reason_ru=admitted.reason_ru, command=command["kind"],
+        ))
+    return changes
+
+
+#: Commands an actor gives on an existing campaign, and the action they ask for.
+_ACTED = {"campaign.pause": "pause", "campaign.resume": "resume", "campaign.cancel": "cancel",
+          "campaign.resend": "resend", "campaign.confirm": "confirm"}
 
 
 class UnknownCampaign(Exception):
@@ -107,22 +188,39 @@ class UnknownCampaign(Exception):
     error_type = "unknown_campaign"
 
 
-async def _chunk(conn: AsyncConnection, chunk: Message) -> None:
+async def _chunk(conn: AsyncConnection, chunk: Message, max_recipients: int = 0) -> list[StatusChange]:
     campaign_id = chunk["campaign_id"]
     recipients = chunk["recipients"]
-    cur = await conn.execute("SELECT 1 FROM campaigns WHERE campaign_id = %s", (campaign_id,))
-    if await cur.fetchone() is None:
+    cur = await conn.execute(
+        "SELECT status, coalesce((SELECT sum(recipients) FROM campaign_chunks k"
+        " WHERE k.campaign_id = c.campaign_id AND k.chunk_index <> %s), 0)"
+        " FROM campaigns c WHERE campaign_id = %s",
+        (chunk["chunk_index"], campaign_id),
+    )
+    row = await cur.fetchone()
+    if row is None:
         raise UnknownCampaign(
             f"chunk {chunk['chunk_index']} of campaign {campaign_id!r} arrived but the campaign "
-            "was never started (or its start was refused)"
+            "was never started"
         )
+    status, before = row[0], int(row[1])
+    if status == "refused":
+        return []  # refused at start, announced then; the planner dead-letters its chunks
+    if max_recipients and before + len(recipients) > max_recipients:
+        en, ru = refusal_texts("recipients_over_limit", chunk=chunk["chunk_index"],
+                               total=before + len(recipients), limit=max_recipients)
+        return [StatusChange(
+            campaign_id=campaign_id, before=status, after=status, actor="system",
+            action="refuse_recipients", reason=en, source_message_id=chunk["message_id"],
+            reason_code="recipients_over_limit", reason_ru=ru, command=chunk["kind"],
+        )]
     cur = await conn.execute(
         "INSERT INTO campaign_chunks (campaign_id, chunk_index, recipients) VALUES (%s, %s, %s)"
         " ON CONFLICT DO NOTHING RETURNING chunk_index",
         (campaign_id, chunk["chunk_index"], len(recipients)),
     )
     if await cur.fetchone() is None:
-        return  # a replayed chunk
+        return []  # a replayed chunk
     await conn.execute(
         """
         INSERT INTO recipients (send_id, campaign_id, email, name, data, status)
@@ -145,13 +243,15 @@ async def _chunk(conn: AsyncConnection, chunk: Message) -> None:
         " WHERE campaign_id = %s",
         (campaign_id,),
     )
+    return []
 
 
 # kind → (action, statuses it applies to, status it leads to)
 _TRANSITIONS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "campaign.pause": ("pause", ("sending",), "paused"),
     "campaign.resume": ("resume", ("paused",), "sending"),
-    "campaign.cancel": ("cancel", ("sending", "paused"), "cancelled"),
+    "campaign.cancel": ("cancel", ("sending", "paused", "needs_confirmation"), "cancelled"),
+    "campaign.confirm": ("confirm", ("needs_confirmation",), "sending"),
 }
 
 
@@ -162,6 +262,11 @@ async def _transition(conn: AsyncConnection, command: Message) -> list[StatusCha
         reason=command.get("reason") or f"{action} requested", actor=command["actor_id"],
         source_message_id=command["message_id"],
     )
+    if change is not None and action == "confirm":
+        await conn.execute(
+            "UPDATE command_admissions SET decision = 'accepted' WHERE admission_key = %s"
+            " AND decision = 'needs_confirmation'", (f"start:{command['campaign_id']}",),
+        )
     if change is not None and action == "resume":
         await circuit_breaker.reset(conn, command["campaign_id"])
         # what the pause or the SMTP trouble held back goes first, not after its backoff

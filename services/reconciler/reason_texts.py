@@ -158,6 +158,8 @@ _STATUSES: dict[str, dict[Language, str]] = {
     "paused": {"ru": "Рассылка приостановлена", "en": "Paused"},
     "cancelled": {"ru": "Рассылка отменена", "en": "Cancelled"},
     "completed": {"ru": "Рассылка завершена", "en": "Completed"},
+    "needs_confirmation": {"ru": "Ждёт подтверждения", "en": "Awaiting confirmation"},
+    "refused": {"ru": "Кампания отклонена", "en": "Refused"},
 }
 
 

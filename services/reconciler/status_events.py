@@ -59,8 +59,16 @@ def _event(change: StatusChange, counts: dict[str, int]) -> dict[str, object]:
         fields["defer_reason"] = change.defer_reason
         until = change.deferred_until
         fields["deferred_until"] = None if until is None else iso(until)
+    if change.reason_code:
+        fields["reason_code"] = change.reason_code
+    if change.reason_ru:
+        fields["reason_ru"] = change.reason_ru
+    if change.warnings:
+        fields["warnings"] = list(change.warnings)
+    if change.command:
+        fields["command"] = change.command
     return envelope(
-        "campaign.status", campaign_id=change.campaign_id, status=change.after,
+        "campaign.status", campaign_id=change.campaign_id, status=change.event_status or change.after,
         previous_status=change.before, reason=change.reason, actor_id=change.actor,
         counts=counts, **fields,
     )

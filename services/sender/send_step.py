@@ -26,6 +26,7 @@ credentials.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -43,6 +44,8 @@ from services.sender.smtp_replies import ReplyRules
 NO_REPLY_AFTER_DATA = "no_reply_after_data"
 DEFAULT_REPLY_RULES = ReplyRules.defaults()
 MAX_TEXT = 2000
+#: Control characters an SMTP reply may carry that no outcome keeps (tab, CR and LF stay).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\u2028\u2029]")
 
 
 class Outcomes:
@@ -76,7 +79,7 @@ class Outcomes:
             "account": command["account"],
             "recipient_email": command["recipient"]["email"],
             "smtp_code": code if code is not None and 100 <= code <= 599 else None,
-            "smtp_reply": reply[:MAX_TEXT],
+            "smtp_reply": _CONTROL.sub(" ", reply[:MAX_TEXT]),  # a hostile server's NUL stops here
             "error_class": error_class,
             "message_id_header": message_id_header(
                 command["send_id"], self.settings.message_id_domain

@@ -66,7 +66,8 @@ def start_campaign(settings: Settings, campaign_id: str, n: int, **fields: Any) 
 
 
 def command(settings: Settings, kind: str, campaign_id: str) -> None:
-    asyncio.run(publish(settings, [lifecycle_message(kind, campaign_id, "ops-1", f"test {kind}")]))
+    message = lifecycle_message(kind, campaign_id, "ops-1", f"test {kind}", role="ops")
+    asyncio.run(publish(settings, [message]))
 
 
 def states(sql: SQL, campaign_id: str) -> dict[str, int]:
@@ -131,7 +132,7 @@ def test_sigkilled_sender_three_times_sends_nobody_twice_and_loses_nobody(
     for name in ("planner", "reconciler"):
         services.start(name)
     sender = services.start("sender")
-    start_campaign(settings, "kill", 5000)
+    start_campaign(settings, "kill", 5000, confirmed=True)  # above 1,000: confirmed at start
     began = time.monotonic()
     in_flight_bound = 0
     for kill in range(3):
@@ -241,7 +242,7 @@ def test_postgres_refusing_connections_mid_campaign_is_waited_out(
     smtp_server.handler.data_delay = 0.005
     for name in ("planner", "sender", "reconciler"):
         services.start(name)
-    start_campaign(settings, "pgdown", 1500)
+    start_campaign(settings, "pgdown", 1500, confirmed=True)
     wait_until("the first sends", lambda: len(smtp_server.messages()) >= 300, services)
     database = psycopg.conninfo.conninfo_to_dict(settings.database_url)["dbname"]
     with psycopg.connect(postgres_server, autocommit=True) as admin:
@@ -277,7 +278,7 @@ def test_resend_goes_to_the_failed_recipients_only_once(
     assert states(sql, "again") == {"sent": 27, "failed": 3}
     for address in refused:
         smtp_server.accept(address)  # the policy problem is solved
-    resend = lifecycle_message("resend", "again", "ops-1", "policy fixed")
+    resend = lifecycle_message("resend", "again", "ops-1", "policy fixed", role="ops")
     asyncio.run(publish(settings, [resend, resend]))  # the CRM retried its request
     wait_until("the resend", lambda: states(sql, "again") == {"sent": 30}, services)
     wait_until("completion again", lambda: view(settings, "again").get("status") == "completed",
@@ -302,7 +303,7 @@ def test_broker_connection_cut_and_restored_mid_campaign(
         with run_services(settings, tmp_path / "logs") as services:
             for name in ("planner", "sender", "reconciler"):
                 services.start(name)
-            start_campaign(settings, "netcut", 1500)
+            start_campaign(settings, "netcut", 1500, confirmed=True)
             wait_until("the first sends", lambda: len(smtp_server.messages()) >= 300, services)
             proxy.cut()
             cut_at = time.monotonic()

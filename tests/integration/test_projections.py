@@ -77,7 +77,7 @@ async def test_lifecycle_commands_change_status_with_audit(
     await apply(database_url, commands=[
         lifecycle_message("pause", "c3", "manager-7", "checking the template"),
         lifecycle_message("pause", "c3", "manager-7", None),  # already paused: no change
-        lifecycle_message("resume", "c3", "ops-1", None),
+        lifecycle_message("resume", "c3", "ops-1", None, role="ops"),
         lifecycle_message("cancel", "c3", "manager-7", "wrong list"),
         lifecycle_message("resume", "c3", "manager-7", None),  # cancelled is final
     ])

@@ -38,6 +38,7 @@ from tests.support.limits import (
     with_account,
     with_clock,
 )
+from tests.support.poll import auth_headers
 from tests.support.processes import ServiceRunner, run_services
 from tests.support.smtp_server import SmtpServer
 
@@ -55,7 +56,7 @@ def view(settings: Settings, campaign_id: str, lang: str = "ru") -> dict[str, An
 
     request = urllib.request.Request(
         f"http://127.0.0.1:{settings.http_port}/campaigns/{campaign_id}",
-        headers={"Accept-Language": lang},
+        headers={"Accept-Language": lang, **auth_headers()},
     )
     try:
         with urllib.request.urlopen(request, timeout=5) as resp:

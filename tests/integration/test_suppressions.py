@@ -89,7 +89,8 @@ async def test_remove_deletes_and_is_idempotent(
 async def test_messages_apply_in_order(database_url: str, sql: Callable[..., list[tuple]]) -> None:
     batch = [add("a@example.com"), remove("a@example.com"), add("A@example.com", "manual"),
              remove("b@example.com"), add("b@example.com", "complaint"),
-             validate(envelope("campaign.pause", campaign_id="c1", actor_id="crm-user-17"))]  # ignored
+             validate(envelope("campaign.pause", campaign_id="c1", actor_id="crm-user-17",
+                               actor_role="ops"))]  # ignored
     assert await run(database_url, suppressions.apply_suppressions, batch) == 4
     assert sql("SELECT email, reason FROM suppressions ORDER BY email") == [
         ("a@example.com", "manual"), ("b@example.com", "complaint")]

@@ -13,6 +13,8 @@ def campaign(campaign_id: str, **overrides: Any) -> dict[str, Any]:
     definition: dict[str, Any] = {
         "campaign_id": campaign_id,
         "manager_id": "manager-7",
+        "actor_id": "manager-7",
+        "actor_role": "manager",
         "name": "Spring sale",
         "from": {"email": "news@shop.example.com", "name": "Shop"},
         "template": {
@@ -23,6 +25,8 @@ def campaign(campaign_id: str, **overrides: Any) -> dict[str, Any]:
         "variables": {"code": "SPRING"},
     }
     definition.update(overrides)
+    if "actor_id" not in overrides:
+        definition["actor_id"] = definition["manager_id"]  # its own manager starts it
     return definition
 
 

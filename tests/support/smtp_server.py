@@ -17,6 +17,7 @@ from email.message import Message
 from typing import Any
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from services.pipeline.embedded import free_port
 
@@ -69,13 +70,34 @@ class RecordingHandler:
         return "250 2.0.0 Ok: queued"
 
 
-class SmtpServer:
-    """An aiosmtpd server on a free loopback port."""
+@dataclass
+class PasswordCheck:
+    """aiosmtpd authenticator: one user and password; records every login tried (user, ok)."""
 
-    def __init__(self) -> None:
+    username: str
+    password: str
+    logins: list[tuple[str, bool]] = field(default_factory=list)
+
+    def __call__(self, server: Any, session: Any, envelope: Any, mechanism: str,
+                 auth_data: Any) -> AuthResult:
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        user, password = auth_data.login.decode(), auth_data.password.decode()
+        ok = (user, password) == (self.username, self.password)
+        self.logins.append((user, ok))
+        return AuthResult(success=ok, handled=False)  # a refusal is answered 535 by aiosmtpd
+
+
+class SmtpServer:
+    """An aiosmtpd server on a free loopback port; with `auth`, it requires that login (no TLS)."""
+
+    def __init__(self, auth: PasswordCheck | None = None) -> None:
         self.handler = RecordingHandler()
         self.port = free_port()
-        self._controller = Controller(self.handler, hostname="127.0.0.1", port=self.port)
+        self.auth = auth
+        options: dict[str, Any] = {} if auth is None else {
+            "authenticator": auth, "auth_required": True, "auth_require_tls": False}
+        self._controller = Controller(self.handler, hostname="127.0.0.1", port=self.port, **options)
 
     def start(self) -> None:
         self._controller.start()

@@ -150,3 +150,14 @@ def test_image_build_files_exist(services: dict[str, dict[str, Any]]) -> None:
         assert (context / dockerfile).is_file(), f"{name}: no {dockerfile}"
     text = (ROOT / "deploy" / "Dockerfile").read_text(encoding="utf-8")
     assert "pip install -e ." in text  # editable: schemas/ is found beside services/
+
+
+def test_the_reconcilers_api_tokens_file_is_mounted_and_valid(services: dict[str, dict[str, Any]]) -> None:
+    from services.pipeline.api_tokens import load_api_tokens
+
+    reconciler = services["reconciler"]
+    inside = reconciler["environment"]["MAILER_API_TOKENS_FILE"]
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in reconciler["volumes"]}
+    local = ROOT / mounts[inside]
+    tokens = load_api_tokens(dataclasses.replace(Settings(), api_tokens_file=str(local)))
+    assert tokens.lookup("change-me-compose-ops-token") is not None

@@ -27,7 +27,8 @@ def test_recipients_end_with_the_bounce() -> None:
 
 def test_campaign_shape() -> None:
     campaign = demo_campaign("demo-20250101-000000-abcd")
-    assert set(campaign) == {"campaign_id", "manager_id", "name", "from", "template", "variables"}
+    assert set(campaign) == {"campaign_id", "manager_id", "actor_id", "actor_role", "confirmed", "name",
+                             "from", "template", "variables"}
     assert campaign["template"]["subject"] and campaign["template"]["text"]
 
 

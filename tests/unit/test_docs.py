@@ -27,3 +27,18 @@ def test_readme_mailer_commands_are_real_subcommands() -> None:
             if ".venv/bin/mailer " in line}
     known = set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
     assert used and used <= known
+
+
+def test_every_test_the_ux_contract_names_exists() -> None:
+    import ast
+    import re
+
+    contract = (ROOT / "docs" / "UX_CONTRACT.md").read_text(encoding="utf-8")
+    named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", contract)
+    assert len(named) >= 7
+    for path, name in named:
+        tree = ast.parse((ROOT / path).read_text(encoding="utf-8"))
+        functions = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+        assert name in functions, f"{path}::{name} is named in docs/UX_CONTRACT.md but does not exist"
+    for section in re.split(r"^## ", contract, flags=re.M)[1:]:
+        assert "`tests/" in section, f"a guarantee names no test: {section.splitlines()[0]}"
