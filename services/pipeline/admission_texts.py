@@ -15,7 +15,9 @@ from typing import Any
 
 from services.pipeline.contract import iso
 from services.pipeline.working_hours import WorkingHours
-from services.reconciler.reason_texts import hours_text, time_text
+from services.reconciler.reason_texts import Language, hours_text, time_text
+
+LANGUAGES_EN_RU: tuple[Language, Language] = ("en", "ru")
 
 _REFUSALS: dict[str, tuple[str, str]] = {
     "too_many_recipients": (
@@ -66,36 +68,31 @@ _WARNINGS: dict[str, tuple[str, str]] = {
 }
 
 
-def _numbers(values: dict[str, Any], lang: str) -> dict[str, Any]:
-    sep = "," if lang == "en" else "\u00a0"
-    return {k: f"{v:,}".replace(",", sep) if isinstance(v, int) else v for k, v in values.items()}
+def _both(pair: tuple[str, str], numbers: dict[str, Any], *, at: datetime | None, now: datetime | None,
+          time_zone: str, windows: Sequence[WorkingHours] = ()) -> tuple[str, str]:
+    """(English, Russian) of a template pair, with its numbers, `at` as {when} and the {window}."""
+    texts = []
+    for template, lang in zip(pair, LANGUAGES_EN_RU, strict=True):
+        sep = "," if lang == "en" else "\u00a0"
+        values = {k: f"{v:,}".replace(",", sep) if isinstance(v, int) else v for k, v in numbers.items()}
+        if at is not None and now is not None:
+            values["when"] = time_text(at, lang, time_zone=time_zone, now=now)
+            values["window"] = ", ".join(hours_text(w, lang, now) for w in windows)
+        texts.append(template.format(**values))
+    return texts[0], texts[1]
 
 
 def refusal_texts(code: str, *, when: datetime | None = None, time_zone: str = "UTC",
                   now: datetime | None = None, **numbers: int) -> tuple[str, str]:
     """(English, Russian) explanation of refusal or wait `code` with its numbers."""
-    en, ru = _REFUSALS[code]
-    texts = []
-    for template, lang in ((en, "en"), (ru, "ru")):
-        values: dict[str, Any] = _numbers(dict(numbers), lang)
-        if when is not None and now is not None:
-            values["when"] = time_text(when, lang, time_zone=time_zone, now=now)  # type: ignore[arg-type]
-        texts.append(template.format(**values))
-    return texts[0], texts[1]
+    return _both(_REFUSALS[code], dict(numbers), at=when, now=now, time_zone=time_zone)
 
 
 def warning(code: str, *, starts_at: datetime | None = None, now: datetime | None = None,
             time_zone: str = "UTC", windows: Sequence[WorkingHours] = (), **numbers: Any) -> dict[str, Any]:
     """One start warning as the status event and the poll endpoint carry it."""
-    en, ru = _WARNINGS[code]
-    texts = []
-    for template, lang in ((en, "en"), (ru, "ru")):
-        values: dict[str, Any] = _numbers(dict(numbers), lang)
-        if starts_at is not None and now is not None:
-            values["when"] = time_text(starts_at, lang, time_zone=time_zone, now=now)  # type: ignore[arg-type]
-            values["window"] = ", ".join(hours_text(w, lang, now) for w in windows)  # type: ignore[arg-type]
-        texts.append(template.format(**values))
-    found: dict[str, Any] = {"code": code, "text": texts[0], "text_ru": texts[1]}
+    en, ru = _both(_WARNINGS[code], numbers, at=starts_at, now=now, time_zone=time_zone, windows=windows)
+    found: dict[str, Any] = {"code": code, "text": en, "text_ru": ru}
     if starts_at is not None:
         found["starts_at"] = iso(starts_at)
     return found

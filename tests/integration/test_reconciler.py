@@ -28,8 +28,9 @@ def test_poison_outcome_is_dead_lettered_and_the_batch_still_applies(
     people = recipients(3)
     asyncio.run(publish(settings, list(campaign_messages(campaign("poison"), people))))
     good = [outcome("outcome.sent", "poison", p["email"], 250, "Ok") for p in people[:2]]
-    # valid JSON and schema, but Postgres text cannot hold NUL
-    poison = outcome("outcome.failed", "poison", people[2]["email"], 550, "bad\u0000reply")
+    # valid JSON, schema and input checks, but Postgres knows no 30 February
+    poison = outcome("outcome.failed", "poison", people[2]["email"], 550, "5.1.1 unknown user",
+                     occurred_at="2026-02-30T10:00:00.000Z")
     produce_raw(settings.kafka_bootstrap_servers, topic_name(Topic.SEND_OUTCOMES, settings),
                 [(o["send_id"].encode(), encode(o)) for o in (good[0], poison, good[1])])
 

@@ -22,7 +22,7 @@ from services.pipeline.topics import Topic, topic_name
 from tests.support.campaigns import campaign, recipients
 from tests.support.events import StatusEvents
 from tests.support.kafka import produce_raw, read_topic
-from tests.support.poll import auth_headers, get_json
+from tests.support.poll import auth_headers, get_json, wait_for_status
 from tests.support.processes import ROOT, ServiceRunner
 
 pytestmark = pytest.mark.integration
@@ -59,9 +59,7 @@ def test_a_campaign_cannot_be_deleted_only_paused_or_cancelled(
     services.start("reconciler")
     asyncio.run(publish_campaign(settings, campaign("kept"), recipients(2, domain="kept.example.com")))
     url = f"http://127.0.0.1:{settings.http_port}/campaigns/kept"
-    deadline = time.monotonic() + 60
-    while get_json(url)[0] != 200 and time.monotonic() < deadline:
-        time.sleep(0.3)
+    wait_for_status(settings, services, "kept", "sending")
     # the API has no DELETE
     request = urllib.request.Request(url, method="DELETE", headers=auth_headers())
     with pytest.raises(urllib.error.HTTPError) as refused:
