@@ -153,7 +153,7 @@ class Admissions:
         active = await self._active_campaigns(conn, manager)
         if active >= s.max_active_campaigns:
             return self._refused("active_campaigns", active=active, limit=s.max_active_campaigns)
-        retry_at = await self._take(self.keys._k("starts", manager), s.starts_per_hour, key)
+        retry_at = await self._take(self.keys.starts(manager), s.starts_per_hour, key)
         if retry_at is not None:
             return self._refused("starts_per_hour", limit=s.starts_per_hour, retry_at=retry_at,
                                  account=self.accounts.route(start.get("account"), manager))
@@ -176,7 +176,7 @@ class Admissions:
                 en, ru = forbidden_texts(command["actor_id"], "send a test email of", who)
                 return Admission("forbidden", "forbidden", en, ru)
         limit = self.settings.test_emails_per_hour
-        retry_at = await self._take(self.keys._k("tests", manager), limit, key)
+        retry_at = await self._take(self.keys.test_emails(manager), limit, key)
         if retry_at is not None:
             return self._refused("test_emails_per_hour", limit=limit, retry_at=retry_at,
                                  account=self.accounts.route(command.get("account"), manager))

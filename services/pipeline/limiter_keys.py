@@ -57,3 +57,11 @@ class LimiterKeys:
     def adaptive(self, account: str, group: str | None = None) -> str:
         """Adaptive-throttle factor (0 < f <= 1) of the account, or of one domain group."""
         return self._k("adapt", account) if group is None else self._k("adapt", account, group)
+
+    def starts(self, manager_id: str) -> str:
+        """Sliding-window ZSET of a manager's admitted campaign starts (member: the start's key)."""
+        return self._k("starts", manager_id)
+
+    def test_emails(self, manager_id: str) -> str:
+        """Sliding-window ZSET of a manager's admitted test emails (member: the message's key)."""
+        return self._k("tests", manager_id)

