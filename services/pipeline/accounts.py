@@ -18,8 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
+from services.pipeline.json_file import read_json_file
 from services.pipeline.settings import Settings
 from services.pipeline.working_hours import WorkingHours, WorkingHoursError
 
@@ -151,13 +150,7 @@ def load_accounts(settings: Settings) -> Accounts:
     """Accounts from MAILER_ACCOUNTS_FILE, or the single default account of the settings."""
     if not settings.accounts_file:
         return Accounts({DEFAULT_ACCOUNT: default_account(settings)})
-    try:
-        with open(settings.accounts_file, "rb") as fh:
-            document = orjson.loads(fh.read())
-    except OSError as exc:
-        raise AccountsError(f"MAILER_ACCOUNTS_FILE cannot be read ({exc.strerror})") from None
-    except orjson.JSONDecodeError as exc:
-        raise AccountsError(f"MAILER_ACCOUNTS_FILE is not valid JSON ({exc})") from None
+    document = read_json_file(settings.accounts_file, "MAILER_ACCOUNTS_FILE", AccountsError)
     return parse_accounts(document, settings)
 
 

@@ -24,8 +24,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
+from services.pipeline.json_file import read_json_file
 from services.pipeline.settings import Settings
 
 ROLES = ("manager", "ops", "admin")
@@ -104,14 +103,7 @@ def load_api_tokens(settings: Settings) -> ApiTokens:
     """The tokens of MAILER_API_TOKENS_FILE; none when it is not set."""
     if not settings.api_tokens_file:
         return ApiTokens()
-    try:
-        with open(settings.api_tokens_file, "rb") as fh:
-            document = orjson.loads(fh.read())
-    except OSError as exc:
-        raise ApiTokensError(f"{_VAR} cannot be read ({exc.strerror})") from None
-    except orjson.JSONDecodeError as exc:
-        raise ApiTokensError(f"{_VAR} is not valid JSON ({exc})") from None
-    return parse_api_tokens(document)
+    return parse_api_tokens(read_json_file(settings.api_tokens_file, _VAR, ApiTokensError))
 
 
 def parse_api_tokens(document: Any) -> ApiTokens:
