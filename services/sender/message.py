@@ -1,12 +1,17 @@
 """Builds the RFC 5322 message of one send command.
 
-Contract: `build_message(command, rendered, settings)` returns an
-`email.message.EmailMessage` (policy SMTP, CRLF) with From (display name
-kept), To, Reply-To when the command has one, Subject, Date, the
-deterministic `Message-ID` `<send_id@MAILER_MESSAGE_ID_DOMAIN>`, the RFC 8058
+Contract: `build_message(command, rendered, settings)` returns the message
+(`as_bytes()` gives it as sent, CRLF) with From (display name kept), To,
+Reply-To when the command has one, Subject, Date, the deterministic
+`Message-ID` `<send_id@MAILER_MESSAGE_ID_DOMAIN>`, the RFC 8058
 `List-Unsubscribe` / `List-Unsubscribe-Post` pair when an unsubscribe URL was
 rendered, and the body: text/plain, text/html, or multipart/alternative when
-both exist. An address the email package cannot represent raises
+both exist, quoted-printable UTF-8. When every address is plain ASCII
+(nearly always) it is a `RawMessage` written by `services/sender/raw_message.py`
+(about 40 times faster; the same bytes as the email package but for the
+boundary, and RFC 2047 words for non-ASCII text); otherwise an
+`email.message.EmailMessage` (policy SMTP), which aiosmtplib's `send_message`
+sends with SMTPUTF8. An address the email package cannot represent raises
 `MessageError(reason)`.
 """
 
@@ -23,6 +28,7 @@ from typing import Any
 
 from services.pipeline.ids import message_id_header
 from services.pipeline.settings import Settings
+from services.sender.raw_message import RawMessage, raw_message
 from services.sender.render import Rendered
 
 UNSUBSCRIBE_POST = "List-Unsubscribe=One-Click"
@@ -54,8 +60,18 @@ def mailbox(address: Mapping[str, Any], field: str) -> Address:
 
 def build_message(
     command: Mapping[str, Any], rendered: Rendered, settings: Settings
-) -> EmailMessage:
+) -> RawMessage | EmailMessage:
     """The email of one `send.email` command with its rendered parts."""
+    date = format_datetime(datetime.now(UTC))
+    message_id = message_id_header(command["send_id"], settings.message_id_domain)
+    raw = raw_message(command, rendered, date, message_id)
+    return raw if raw is not None else email_message(command, rendered, date, message_id)
+
+
+def email_message(
+    command: Mapping[str, Any], rendered: Rendered, date: str, message_id: str
+) -> EmailMessage:
+    """The message built with the email package (any address it can represent)."""
     msg = EmailMessage(policy=email.policy.SMTP)
     msg["From"] = mailbox(command["from"], "from")
     msg["To"] = mailbox(command["recipient"], "recipient")
@@ -63,8 +79,8 @@ def build_message(
     if reply_to:
         msg["Reply-To"] = mailbox(reply_to, "reply_to")
     msg["Subject"] = rendered.subject
-    msg["Date"] = format_datetime(datetime.now(UTC))
-    msg["Message-ID"] = message_id_header(command["send_id"], settings.message_id_domain)
+    msg["Date"] = date
+    msg["Message-ID"] = message_id
     if rendered.unsubscribe_url:
         msg["List-Unsubscribe"] = f"<{rendered.unsubscribe_url}>"
         msg["List-Unsubscribe-Post"] = UNSUBSCRIBE_POST

@@ -37,6 +37,7 @@ from services.pipeline.contract import Message, envelope
 from services.pipeline.ids import message_id_header
 from services.pipeline.settings import Settings
 from services.sender.message import MessageError, build_message
+from services.sender.raw_message import RawMessage
 from services.sender.render import TemplateError, render_command
 from services.sender.smtp_pool import PooledSMTP, SmtpConnectError, SmtpPools, UnknownAccount
 from services.sender.smtp_replies import ReplyRules
@@ -148,7 +149,10 @@ async def send_one(
         async with pool.connection() as conn:
             lent = conn
             try:
-                await conn.send_message(message, sender=sender, recipients=[recipient])
+                if isinstance(message, RawMessage):
+                    await conn.sendmail(sender, [recipient], message.data)
+                else:  # an address only SMTPUTF8 can carry: aiosmtplib negotiates it
+                    await conn.send_message(message, sender=sender, recipients=[recipient])
             except aiosmtplib.SMTPRecipientsRefused as exc:
                 refused = exc.recipients[0]
                 return outcomes.by_reply("RCPT TO", refused.code, refused.message)
