@@ -64,6 +64,22 @@ def _breakers(outcome: Message) -> list[Breaker]:
     return [("campaign", outcome["campaign_id"]), account]
 
 
+#: A success's whole effect on the breakers (what `update_breakers` does for a batch of
+#: successes), as one statement that writes a row only when it has something to reset,
+#: so concurrent successful sends neither lock nor rewrite the breaker rows.
+RESET_ON_SUCCESS = (
+    "UPDATE circuit_breakers SET consecutive = 0, opened_at = NULL, updated_at = now()"
+    " WHERE (scope, key) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
+    " AND (consecutive <> 0 OR opened_at IS NOT NULL)"
+)
+
+
+def reset_params(outcome: Message) -> tuple[list[str], list[str]]:
+    """The parameters of RESET_ON_SUCCESS for one successful outcome."""
+    breakers = _breakers(outcome)
+    return [scope for scope, _ in breakers], [key for _, key in breakers]
+
+
 def _last_reply(outcome: Message) -> str:
     code = outcome.get("smtp_code")
     reply = (outcome.get("smtp_reply") or "").strip()
@@ -77,6 +93,11 @@ async def update_breakers(
     """Count the transient errors and successes of `outcomes` in order; return the breakers opened."""
     steps = [(verdict, o) for o in outcomes if (verdict := is_transient(o)) is not None]
     if not steps:
+        return []
+    if not any(transient for transient, _ in steps):  # successes only: reset what is set
+        scopes_keys = [reset_params(o) for _, o in steps]
+        await conn.execute(RESET_ON_SUCCESS, ([s for ss, _ in scopes_keys for s in ss],
+                                              [k for _, kk in scopes_keys for k in kk]))
         return []
     keys = sorted({b for _, o in steps for b in _breakers(o)})
     scopes, names = [s for s, _ in keys], [k for _, k in keys]

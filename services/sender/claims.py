@@ -8,7 +8,8 @@ campaign's status (services/reconciler/projections.py), so it waits for sends
 in flight and every send that starts after it sees the new status: once a
 pause is acknowledged, nothing more of that campaign reaches SMTP.
 
-In one transaction it reads the campaign's status (paused → `paused`,
+In one call of the `claim_send` function (migration 0005, one round trip) it takes
+the lock, reads the campaign's status (paused → `paused`,
 cancelled → `cancelled`), its and its account's circuit breakers (open →
 `breaker`), the suppression list (`suppressed`), and inserts the
 claim row `(send_id, attempt)`; if that row exists (a redelivered, replayed or
@@ -66,14 +67,23 @@ class Claim:
         """Record what SMTP said and the outcome message that says so (a redelivered command
         produces it again), and count it into the circuit breakers (R10): a transient error
         adds one, a success resets, `threshold` in a row opens; refused credentials open the
-        account's at once. A failure here only leaves the claim to the timeout."""
+        account's at once. A success (the common case) is one statement that touches a
+        breaker row only when it has something to reset. A failure here only leaves the
+        claim to the timeout."""
+        record = (
+            "UPDATE send_claims SET result = %s, outcome = %s, finished_at = now()"
+            " WHERE send_id = %s AND attempt = %s AND result IS NULL"
+        )
+        params = (result, payload, self.send_id, self.attempt)
         try:
-            async with self._conn.transaction():
+            if circuit_breaker.is_transient(outcome) is False:
                 await self._conn.execute(
-                    "UPDATE send_claims SET result = %s, outcome = %s, finished_at = now()"
-                    " WHERE send_id = %s AND attempt = %s AND result IS NULL",
-                    (result, payload, self.send_id, self.attempt),
+                    f"WITH claim AS ({record} RETURNING 1) {circuit_breaker.RESET_ON_SUCCESS}",
+                    (*params, *circuit_breaker.reset_params(outcome)),
                 )
+                return
+            async with self._conn.transaction():
+                await self._conn.execute(record, params)
                 await circuit_breaker.update_breakers(self._conn, [outcome], breaker_threshold)
                 if outcome.get("error_class") == "auth":
                     await circuit_breaker.open_now(self._conn, outcome["account"])
@@ -106,9 +116,8 @@ class Claims:
     async def _open(self, command: Mapping[str, Any]) -> tuple[AsyncConnection, Claim | Refusal]:
         conn = await self.pool.getconn()
         try:
-            await conn.execute(f"SELECT pg_advisory_lock_shared({CAMPAIGN_LOCK})",
-                               (command["campaign_id"],))
-            await conn.commit()
+            if not conn.autocommit:  # the claim row must be committed before SMTP
+                await conn.set_autocommit(True)
             return conn, await self._take(conn, command)
         except BaseException:
             await _unlock(conn, command["campaign_id"])
@@ -116,55 +125,30 @@ class Claims:
             raise
 
     async def _take(self, conn: AsyncConnection, command: Mapping[str, Any]) -> Claim | Refusal:
+        """The campaign's shared lock, the checks and the claim row: one call of `claim_send`
+        (migration 0005), committed when it returns."""
         send_id, attempt = command["send_id"], int(command["attempt"])
-        async with conn.transaction():
-            cur = await conn.execute(
-                "SELECT status FROM campaigns WHERE campaign_id = %s", (command["campaign_id"],)
-            )
-            row = await cur.fetchone()
-            if row is not None and row[0] in ("paused", "cancelled"):
-                return Refusal(row[0], f"campaign {command['campaign_id']} is {row[0]}")
-            if await circuit_breaker.is_open(conn, command["campaign_id"], command["account"]):
-                return Refusal("breaker", "circuit breaker open: waiting for the campaign to resume")
-            cur = await conn.execute(
-                "SELECT reason FROM suppressions WHERE email = %s",
-                (normalize_email(command["recipient"]["email"]),),
-            )
-            row = await cur.fetchone()
-            if row is not None:
-                return Refusal("suppressed", f"address suppressed: {row[0]}")
-            cur = await conn.execute(
-                """
-                INSERT INTO send_claims (send_id, attempt, campaign_id, account, recipient, is_test,
-                                         claimed_by)
-                VALUES (%s, %s, %s, %s, %s, %s, %s)
-                ON CONFLICT (send_id, attempt) DO NOTHING
-                RETURNING 1
-                """,
-                (send_id, attempt, command["campaign_id"], command["account"],
-                 command["recipient"]["email"], command["is_test"], self.owner),
-            )
-            if await cur.fetchone() is not None:
-                return Claim(conn, send_id, attempt)
-            cur = await conn.execute(
-                "SELECT claimed_by, claimed_at, result, outcome FROM send_claims"
-                " WHERE send_id = %s AND attempt = %s",
-                (send_id, attempt),
-            )
-            by, at, result, outcome = await cur.fetchone() or ("?", None, None, None)
-            return Refusal(
-                "duplicate",
-                f"attempt {attempt} was claimed by {by} at {at} (result: {result or 'none yet'})",
-                None if outcome is None else bytes(outcome),
-            )
+        recipient = command["recipient"]["email"]
+        cur = await conn.execute(
+            "SELECT verdict, detail, outcome FROM claim_send(%s, %s, %s, %s, %s, %s, %s, %s)",
+            (command["campaign_id"], command["account"], send_id, attempt, recipient,
+             normalize_email(recipient), command["is_test"], self.owner),
+        )
+        row = await cur.fetchone()
+        if row is None:  # a function with OUT parameters always returns one row
+            raise RuntimeError("claim_send returned no row")
+        verdict, detail, outcome = row
+        if verdict == "claimed":
+            return Claim(conn, send_id, attempt)
+        return Refusal(verdict, detail, None if outcome is None else bytes(outcome))
 
 
 async def _unlock(conn: AsyncConnection, campaign_id: str) -> None:
     """Release the campaign's shared lock; a connection that cannot is closed (which releases it)."""
     try:
-        await conn.rollback()
+        if not conn.autocommit:
+            await conn.rollback()
         await conn.execute(f"SELECT pg_advisory_unlock_shared({CAMPAIGN_LOCK})", (campaign_id,))
-        await conn.commit()
     except Exception:
         with contextlib.suppress(Exception):
             await conn.close()
