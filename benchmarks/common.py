@@ -5,8 +5,8 @@ KAFKA_BOOTSTRAP_SERVERS when it is set), and postfix's `smtp-sink` on a free
 port; Postgres and Redis are the configured servers (`DATABASE_URL`,
 `REDIS_URL`). `run.settings(name)` gives one benchmark's settings: a fresh,
 migrated Postgres database of its own (dropped when the run ends), its own
-topic, consumer-group and Redis key prefixes, every sending limit lifted, and
-the topics created. `run.start_service()` starts `mailer planner|sender|reconciler`
+topic, consumer-group and Redis key prefixes, every sending limit lifted, the
+topics created and the limiter's epoch set. `run.start_service()` starts `mailer planner|sender|reconciler`
 as a child process; `stop_service()` stops it with SIGTERM and returns its peak
 RSS (VmHWM, read just before the stop). Everything started is stopped on exit,
 also on error. `Figure` is one measured figure beside the raw baseline measured
@@ -15,6 +15,7 @@ in the same run; `figures_table()` formats them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import os
@@ -223,6 +224,7 @@ class BenchRun:
         """Settings of benchmark `name`: own database, topics, groups and Redis keys, no limits."""
         from services.pipeline.kafka_admin import ensure_topics
         from services.pipeline.migrations import migrate
+        from services.reconciler.limiter_state import restore_limiter
 
         database = f"mailer_bench_{name}_{secrets.token_hex(3)}"
         with psycopg.connect(self._server_url("postgres"), autocommit=True) as conn:
@@ -258,6 +260,7 @@ class BenchRun:
         fields.update(overrides)
         settings = dataclasses.replace(self.base, **fields)
         ensure_topics(settings, timeout=30.0)
+        asyncio.run(restore_limiter(settings))  # the limiter's epoch, as `mailer migrate` sets it
         return settings
 
     def _server_url(self, database: str) -> str:
@@ -350,15 +353,16 @@ def read_span(bootstrap: str, topic: str, expect: int, *, timeout: float,
     try:
         while count < expect:
             for msg in consumer.consume(10_000, timeout=0.5):
-                if msg.error():
-                    if msg.error().code() == KafkaError._PARTITION_EOF:
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
                         continue
-                    raise BenchError(f"reading {topic}: {msg.error()}")
+                    raise BenchError(f"reading {topic}: {err}")
                 stamp = msg.timestamp()[1] / 1000
                 first, last = min(first, stamp), max(last, stamp)
                 count += 1
                 if on_message is not None:
-                    on_message(msg.value())
+                    on_message(msg.value() or b"")
             now = time.monotonic()
             if now >= next_check:
                 check()

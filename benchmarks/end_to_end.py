@@ -7,7 +7,7 @@ reconciler), limits lifted, into the run's smtp-sink. Each is timed from just
 before its start command is published to its last projection row (the latest
 `recipients.updated_at` once the campaign is `completed`). Returns the large
 campaign's emails per second against the raw aiosmtplib rate at the pipeline's
-SMTP concurrency (measured in this run by `benchmarks.sender.raw_smtp_rate`), and
+SMTP concurrency (measured in this run by `benchmarks.sender.measure_raw`), and
 for each service its peak RSS in the large run against the small run
 (target: within 20%).
 """
@@ -34,10 +34,10 @@ def run(bench: BenchRun, args: argparse.Namespace) -> list[Figure]:
     small, large = args.e2e_recipients
     small_run = campaign_run(bench, small, args.timeout)
     large_run = campaign_run(bench, large, args.timeout)
-    from benchmarks.sender import raw_smtp_rate
+    from benchmarks.sender import measure_raw
 
     concurrency = SENDERS * large_run.settings.sender_concurrency
-    raw = raw_smtp_rate(bench, large_run.settings, min(large, 20_000), concurrency, SENDERS)
+    raw = measure_raw(large_run.settings, SENDERS, min(large, 20_000), timeout=args.timeout)
     figures = [Figure(
         f"end to end: emails/s, {large:,} recipients, {SENDERS} senders", large_run.rate, "msg/s",
         f"raw aiosmtplib, {concurrency} connections", raw,
@@ -70,7 +70,8 @@ class CampaignRun:
 
 def campaign_run(bench: BenchRun, recipients: int, timeout: float) -> CampaignRun:
     """Start the services, run one campaign of `recipients` to completion, stop them."""
-    settings = bench.settings(f"e2e{recipients}")
+    settings = bench.settings(f"e2e{recipients}",
+                              smtp_pool_size=bench.base.sender_concurrency)
     names = ["planner", *(f"sender-{i}" for i in range(1, SENDERS + 1)), "reconciler"]
     services = [bench.start_service(f"e2e{recipients}-{name}", name.split("-")[0], settings)
                 for name in names]

@@ -22,15 +22,18 @@ from services.pipeline.settings import Settings
 CAMPAIGN_LOCK = "hashtextextended(%s, 7)"
 
 
-async def open_pool(settings: Settings, *, max_size: int = 4, name: str = "mailer") -> AsyncConnectionPool:
-    """An opened connection pool to `settings.database_url`."""
+async def open_pool(
+    settings: Settings, *, max_size: int = 4, name: str = "mailer", check: bool = True
+) -> AsyncConnectionPool:
+    """An opened connection pool to `settings.database_url`; `check=False` skips the health
+    check on every checkout (for callers whose every use retries a dead connection)."""
     pool = AsyncConnectionPool(
         settings.database_url,
         min_size=1,
         max_size=max_size,
         name=name,
         open=False,
-        check=AsyncConnectionPool.check_connection,
+        check=AsyncConnectionPool.check_connection if check else None,
         kwargs={"autocommit": False},
         reconnect_timeout=300,
     )

@@ -62,10 +62,37 @@ class AsyncProducer:
                 self._producer.poll(0.05)
 
     async def produce_all(self, messages: list[tuple[str, bytes | str | None, bytes]]) -> None:
-        """Produce (topic, key, value) triples and wait until the broker has all of them."""
-        futures = [self.produce(topic, value, key) for topic, key, value in messages]
-        if futures:
-            await asyncio.gather(*futures)
+        """Produce (topic, key, value) triples and wait until the broker has all of them.
+
+        One future for the whole batch, resolved by the last delivery report (the first
+        error, if any): no future, closure and loop wake-up per message.
+        """
+        if not messages:
+            return
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        pending = len(messages)
+        errors: list[KafkaError] = []
+        lock = threading.Lock()  # reports come from the poller, and from poll() below on BufferError
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            nonlocal pending
+            with lock:
+                if err is not None:
+                    errors.append(err)
+                pending -= 1
+                last = pending == 0
+            if last:
+                loop.call_soon_threadsafe(_resolve, done, errors[0] if errors else None)
+
+        for topic, key, value in messages:
+            while True:
+                try:
+                    self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                    break
+                except BufferError:
+                    self._producer.poll(0.05)
+        await done
 
     async def flush(self, timeout: float = 60.0) -> None:
         """Wait until every queued message is delivered (or `timeout` passes)."""

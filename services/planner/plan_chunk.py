@@ -11,12 +11,13 @@ makes that harmless). Returns how many commands it produced.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
 from services.pipeline.accounts import DEFAULT_ACCOUNT
-from services.pipeline.contract import Message, encode, envelope
+from services.pipeline.contract import Message, encode, envelope, new_message_id
 from services.pipeline.ids import normalize_email, send_id
 from services.pipeline.producer import AsyncProducer
 
@@ -76,9 +77,21 @@ async def plan(
         )
         fresh = [str(row[0]) for row in await cur.fetchall()]
         await producer.produce_all(
-            [
-                (topic, sid, encode(send_command(definition, recipients[sid], sid, is_test=is_test)))
-                for sid in fresh
-            ]
+            [(topic, sid, value) for sid, value in send_commands(definition, recipients, fresh, is_test)]
         )
     return len(fresh)
+
+
+def send_commands(definition: dict[str, Any], recipients: dict[str, dict[str, Any]], sids: list[str],
+                  is_test: bool) -> Iterator[tuple[str, bytes]]:
+    """(send id, encoded `send.email`) of each of `sids`: the command of the first, copied with
+    its own message id, send id and recipient (the fields that differ; one `occurred_at`)."""
+    if not sids:
+        return
+    base = send_command(definition, recipients[sids[0]], sids[0], is_test=is_test)
+    for sid in sids:
+        command = dict(base)
+        command["message_id"] = new_message_id()
+        command["send_id"] = sid
+        command["recipient"] = recipients[sid]
+        yield sid, encode(command)

@@ -112,7 +112,7 @@ class SenderRuntime:
             if self._claims is None:
                 pool = await retry_transient(
                     lambda: open_pool(self.settings, max_size=self.settings.sender_concurrency + 2,
-                                      name=SERVICE),
+                                      name=SERVICE, check=False),  # claim_send retries a dead one
                     what="sender database pool",
                 )
                 self._claims = Claims(pool, f"{self.settings.app_id(SERVICE)}/{os.getpid()}")

@@ -56,10 +56,12 @@ class Refusal:
 class Claim:
     """The right, recorded in Postgres, to hand one (send, attempt) to SMTP once."""
 
-    def __init__(self, conn: AsyncConnection, send_id: str, attempt: int) -> None:
+    def __init__(self, conn: AsyncConnection, send_id: str, attempt: int, campaign_id: str) -> None:
         self._conn = conn
         self.send_id = send_id
         self.attempt = attempt
+        self.campaign_id = campaign_id
+        self.unlocked = False  # finish() released the campaign's shared lock already
 
     async def finish(
         self, result: ClaimResult, outcome: Message, payload: bytes, breaker_threshold: int
@@ -68,8 +70,10 @@ class Claim:
         produces it again), and count it into the circuit breakers (R10): a transient error
         adds one, a success resets, `threshold` in a row opens; refused credentials open the
         account's at once. A success (the common case) is one statement that touches a
-        breaker row only when it has something to reset. A failure here only leaves the
-        claim to the timeout."""
+        breaker row only when it has something to reset, sent with the release of the
+        campaign's lock in one round trip. These records are committed asynchronously
+        (the claim itself is not): a Postgres crash may lose the last of them, which
+        leaves those claims to the timeout, as any failure here does."""
         record = (
             "UPDATE send_claims SET result = %s, outcome = %s, finished_at = now()"
             " WHERE send_id = %s AND attempt = %s AND result IS NULL"
@@ -77,10 +81,15 @@ class Claim:
         params = (result, payload, self.send_id, self.attempt)
         try:
             if circuit_breaker.is_transient(outcome) is False:
-                await self._conn.execute(
-                    f"WITH claim AS ({record} RETURNING 1) {circuit_breaker.RESET_ON_SUCCESS}",
-                    (*params, *circuit_breaker.reset_params(outcome)),
-                )
+                async with self._conn.pipeline():
+                    await self._conn.execute(
+                        f"WITH claim AS ({record} RETURNING 1) {circuit_breaker.RESET_ON_SUCCESS}",
+                        (*params, *circuit_breaker.reset_params(outcome)),
+                    )
+                    await self._conn.execute(
+                        f"SELECT pg_advisory_unlock_shared({CAMPAIGN_LOCK})", (self.campaign_id,)
+                    )
+                self.unlocked = True
                 return
             async with self._conn.transaction():
                 await self._conn.execute(record, params)
@@ -110,14 +119,16 @@ class Claims:
         try:
             yield verdict
         finally:
-            await _unlock(conn, command["campaign_id"])
+            if not (isinstance(verdict, Claim) and verdict.unlocked):
+                await _unlock(conn, command["campaign_id"])
             await self.pool.putconn(conn)
 
     async def _open(self, command: Mapping[str, Any]) -> tuple[AsyncConnection, Claim | Refusal]:
         conn = await self.pool.getconn()
         try:
-            if not conn.autocommit:  # the claim row must be committed before SMTP
+            if not conn.autocommit:  # a new connection: claim_send commits before SMTP
                 await conn.set_autocommit(True)
+                await conn.execute("SET synchronous_commit = off")  # claim_send turns it on
             return conn, await self._take(conn, command)
         except BaseException:
             await _unlock(conn, command["campaign_id"])
@@ -139,7 +150,7 @@ class Claims:
             raise RuntimeError("claim_send returned no row")
         verdict, detail, outcome = row
         if verdict == "claimed":
-            return Claim(conn, send_id, attempt)
+            return Claim(conn, send_id, attempt, command["campaign_id"])
         return Refusal(verdict, detail, None if outcome is None else bytes(outcome))
 
 

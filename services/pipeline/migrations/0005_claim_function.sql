@@ -4,7 +4,8 @@
 -- reason 'paused' | 'cancelled' | 'breaker' | 'suppressed' | 'duplicate'. The
 -- session-level lock stays held whatever the verdict; the caller releases it
 -- after SMTP (services/sender/claims.py). Run it outside an explicit transaction
--- so the claim row is committed before SMTP is spoken to.
+-- so the claim row is committed before SMTP is spoken to; its commit is
+-- synchronous even on a session whose other writes (the finish records) are not.
 CREATE FUNCTION claim_send(
     p_campaign_id text, p_account text, p_send_id uuid, p_attempt integer,
     p_recipient text, p_normalized text, p_is_test boolean, p_owner text,
@@ -17,6 +18,7 @@ DECLARE
     v_at timestamptz;
     v_result text;
 BEGIN
+    PERFORM set_config('synchronous_commit', 'on', true);  -- the claim must survive a crash
     PERFORM pg_advisory_lock_shared(hashtextextended(p_campaign_id, 7));
     SELECT status INTO v_status FROM campaigns WHERE campaign_id = p_campaign_id;
     IF v_status IN ('paused', 'cancelled') THEN
