@@ -192,6 +192,7 @@ def _address_reason(address: str) -> str | None:
     """
     match = _PLAIN_ADDRESS.match(address)
     if (match is not None and len(match.group(1)) <= 64 and len(address) <= 254
+            and "xn--" not in match.group(2).lower()  # IDNA labels: their Unicode form counts
             and _validator_reason("a@" + match.group(2)) is None):
         return None
     return _validator_reason(address)

@@ -216,7 +216,8 @@ class Reconciler:
         await suppressions.suppress_hard_bounces(conn, outcomes)
         changes = await projections.pause_open_breakers(conn)
         touched |= {c.campaign_id for c in changes}
-        changes += await projections.refresh_campaigns(conn, touched)
+        # apply_outcomes moved the counts by what it changed: no recount (a scan per campaign)
+        changes += await projections.refresh_campaigns(conn, touched, recount=False)
         changes += await deferrals.refresh_queue_state(conn, touched)
         await status_events.record(conn, changes, self.status_topic)
 

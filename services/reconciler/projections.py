@@ -3,12 +3,14 @@
 Contract: every function here runs inside the caller's transaction and is
 idempotent: applying the same messages twice leaves the tables as applying
 them once. A recipient in a terminal state never moves back; a campaign's
-counts are always recomputed from its recipients (`refresh_campaigns`), never
-incremented. The one exception to "terminal never moves back": a recipient
-marked `cancelled` whose send had already gone to SMTP takes that send's
-sent, failed or unknown outcome when it lands. Every status change is
-returned as a `StatusChange`, which the caller records in audit_log and
-announces on the status topic.
+counts are recomputed from its recipients (`refresh_campaigns`), except that
+outcomes move them by exactly the recipient status changes they made, read
+under those recipients' row locks (`apply_outcomes`), so an outcome batch
+costs its own size, not its campaign's. The one exception to "terminal never
+moves back": a recipient marked `cancelled` whose send had already gone to
+SMTP takes that send's sent, failed or unknown outcome when it lands. Every
+status change is returned as a `StatusChange`, which the caller records in
+audit_log and announces on the status topic.
 """
 
 from __future__ import annotations
@@ -333,7 +335,8 @@ async def pause_open_breakers(conn: AsyncConnection) -> list[StatusChange]:
 
 
 async def apply_outcomes(conn: AsyncConnection, outcomes: list[Message]) -> set[str]:
-    """Record outcomes in send_log and recipients; return the campaigns they touch.
+    """Record outcomes in send_log and recipients, moving the campaigns' counts by the status
+    changes they made; return the campaigns they touch.
 
     A `duplicate` skip (a redelivered command its claim refused) records nothing:
     the first claim's own outcome says what happened to that send.
@@ -341,51 +344,36 @@ async def apply_outcomes(conn: AsyncConnection, outcomes: list[Message]) -> set[
     outcomes = [o for o in outcomes if o.get("error_class") != "duplicate"]
     if not outcomes:
         return set()
-    async with conn.cursor() as cur:
-        await cur.executemany(
-            """
-            INSERT INTO send_log (send_id, attempt, campaign_id, outcome, is_test, recipient,
-                                  account, smtp_code, smtp_reply, error_class, reason,
-                                  message_id, duration_ms, occurred_at)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-            ON CONFLICT (send_id, attempt, outcome) DO NOTHING
-            """,
-            [
-                (
-                    o["send_id"], o["attempt"], o["campaign_id"], OUTCOME_STATUS[o["kind"]],
-                    o["is_test"], o["recipient_email"], o["account"], o.get("smtp_code"),
-                    o.get("smtp_reply", ""), o.get("error_class"), o.get("reason"),
-                    o.get("message_id_header", ""), o.get("duration_ms"), o["occurred_at"],
-                )
-                for o in outcomes
-            ],
+    await conn.execute(SEND_LOG_ROWS, _columns([
+        (
+            o["send_id"], o["attempt"], o["campaign_id"], OUTCOME_STATUS[o["kind"]],
+            o["is_test"], o["recipient_email"], o["account"], o.get("smtp_code"),
+            o.get("smtp_reply", ""), o.get("error_class"), o.get("reason"),
+            o.get("message_id_header", ""),
+            None if o.get("duration_ms") is None else float(o["duration_ms"]), o["occurred_at"],
         )
-        await cur.executemany(
-            """
-            INSERT INTO recipients AS r (send_id, campaign_id, email, status, attempts,
-                                         last_code, last_reply, error_class)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
-            ON CONFLICT (send_id) DO UPDATE SET
-                status = EXCLUDED.status,
-                attempts = GREATEST(r.attempts, EXCLUDED.attempts),
-                last_code = EXCLUDED.last_code,
-                last_reply = EXCLUDED.last_reply,
-                error_class = EXCLUDED.error_class,
-                updated_at = now()
-            WHERE r.status NOT IN ('sent', 'failed', 'skipped', 'unknown', 'cancelled')
-               -- a send handed to SMTP before its campaign was cancelled tells the truth
-               OR (r.status = 'cancelled' AND EXCLUDED.status IN ('sent', 'failed', 'unknown'))
-            """,
-            [
-                (
-                    o["send_id"], o["campaign_id"], o["recipient_email"],
-                    OUTCOME_STATUS[o["kind"]], o["attempt"], o.get("smtp_code"),
-                    o.get("smtp_reply", ""), o.get("error_class"),
-                )
-                for o in outcomes
-                if not o["is_test"]
-            ],
+        for o in outcomes
+    ]))
+    rows = [
+        (
+            o["send_id"], o["campaign_id"], o["recipient_email"], OUTCOME_STATUS[o["kind"]],
+            o["attempt"], o.get("smtp_code"), o.get("smtp_reply", ""), o.get("error_class"),
         )
+        for o in outcomes
+        if not o["is_test"]
+    ]
+    if rows:
+        # lock first, so the upsert's snapshot holds the statuses it changes
+        await conn.execute(
+            "SELECT 1 FROM recipients WHERE send_id = ANY(%s::uuid[]) ORDER BY send_id FOR UPDATE",
+            ([r[0] for r in rows],),
+        )
+    # one statement for the batch; a send twice in it goes one outcome at a time, in order
+    groups = [rows] if len({r[0] for r in rows}) == len(rows) else [[r] for r in rows]
+    for group in groups:
+        if group:
+            cur = await conn.execute(RECIPIENT_ROWS, _columns(group))
+            await _move_counts(conn, await cur.fetchall())
     touched = {o["campaign_id"] for o in outcomes if not o["is_test"]}
     sent_at = [o["campaign_id"] for o in outcomes if o["kind"] == "outcome.sent"]
     if sent_at:
@@ -397,31 +385,91 @@ async def apply_outcomes(conn: AsyncConnection, outcomes: list[Message]) -> set[
     return touched
 
 
-async def refresh_campaigns(conn: AsyncConnection, campaign_ids: set[str]) -> list[StatusChange]:
-    """Recompute counts of `campaign_ids` and complete those with no recipient left to send."""
+SEND_LOG_ROWS = """
+    INSERT INTO send_log (send_id, attempt, campaign_id, outcome, is_test, recipient, account,
+                          smtp_code, smtp_reply, error_class, reason, message_id, duration_ms,
+                          occurred_at)
+    SELECT * FROM unnest(%s::uuid[], %s::int[], %s::text[], %s::text[], %s::bool[], %s::text[],
+                         %s::text[], %s::int[], %s::text[], %s::text[], %s::text[], %s::text[],
+                         %s::float8[], %s::timestamptz[])
+    ON CONFLICT (send_id, attempt, outcome) DO NOTHING
+"""
+
+#: The recipients' upsert; returns (campaign, status before, status after, how many) of the
+#: recipients it inserted (before NULL) or moved. A statement's CTEs share one snapshot, so
+#: `old` holds the statuses before the upsert.
+RECIPIENT_ROWS = """
+    WITH incoming (send_id, campaign_id, email, status, attempts, last_code, last_reply,
+                   error_class) AS (
+        SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::int[],
+                             %s::int[], %s::text[], %s::text[])
+    ), old AS (
+        SELECT r.send_id, r.status FROM recipients r
+        WHERE r.send_id IN (SELECT send_id FROM incoming)
+    ), new AS (
+        INSERT INTO recipients AS r (send_id, campaign_id, email, status, attempts,
+                                     last_code, last_reply, error_class)
+        SELECT * FROM incoming
+        ON CONFLICT (send_id) DO UPDATE SET
+            status = EXCLUDED.status,
+            attempts = GREATEST(r.attempts, EXCLUDED.attempts),
+            last_code = EXCLUDED.last_code,
+            last_reply = EXCLUDED.last_reply,
+            error_class = EXCLUDED.error_class,
+            updated_at = now()
+        WHERE r.status NOT IN ('sent', 'failed', 'skipped', 'unknown', 'cancelled')
+           -- a send handed to SMTP before its campaign was cancelled tells the truth
+           OR (r.status = 'cancelled' AND EXCLUDED.status IN ('sent', 'failed', 'unknown'))
+        RETURNING r.send_id, r.campaign_id, r.status
+    )
+    SELECT new.campaign_id, old.status, new.status, count(*)
+    FROM new LEFT JOIN old USING (send_id)
+    WHERE old.status IS DISTINCT FROM new.status
+    GROUP BY 1, 2, 3
+"""
+
+#: A recipient status -> the campaign count it is in.
+_COUNTED_IN = {"pending": "pending", "deferred": "pending", "sent": "sent", "failed": "failed",
+               "skipped": "skipped", "unknown": "unknown", "cancelled": "cancelled"}
+_COUNTS = ("total", "pending", "sent", "failed", "skipped", "unknown", "cancelled")
+
+
+def _columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows as one list per column (the parameters of an `unnest` insert)."""
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+async def _move_counts(conn: AsyncConnection, moves: list[tuple[str, str | None, str, int]]) -> None:
+    """Move campaign counts by (campaign, status before or None, status after, how many)."""
+    deltas: dict[str, dict[str, int]] = {}
+    for campaign_id, before, after, n in moves:
+        delta = deltas.setdefault(campaign_id, dict.fromkeys(_COUNTS, 0))
+        if before is None:
+            delta["total"] += n
+        else:
+            delta[_COUNTED_IN[before]] -= n
+        delta[_COUNTED_IN[after]] += n
+    if not deltas:
+        return
+    ids = sorted(deltas)
+    await conn.execute(
+        "UPDATE campaigns c SET " + ", ".join(f"{k} = c.{k} + d.{k}" for k in _COUNTS)
+        + ", updated_at = now() FROM unnest(%s::text[], " + ", ".join("%s::int[]" for _ in _COUNTS)
+        + ") AS d (campaign_id, " + ", ".join(_COUNTS) + ") WHERE c.campaign_id = d.campaign_id",
+        [ids, *([deltas[i][k] for i in ids] for k in _COUNTS)],
+    )
+
+
+async def refresh_campaigns(
+    conn: AsyncConnection, campaign_ids: set[str], *, recount: bool = True
+) -> list[StatusChange]:
+    """Recompute counts of `campaign_ids` (unless `recount` is False: the counts `apply_outcomes`
+    moved are current) and complete those with no recipient left to send."""
     if not campaign_ids:
         return []
     ids = sorted(campaign_ids)
-    await conn.execute(
-        """
-        UPDATE campaigns c SET
-            total = s.total, pending = s.pending, sent = s.sent, failed = s.failed,
-            skipped = s.skipped, unknown = s.unknown, cancelled = s.cancelled, updated_at = now()
-        FROM (
-            SELECT campaign_id,
-                   count(*) AS total,
-                   count(*) FILTER (WHERE status IN ('pending', 'deferred')) AS pending,
-                   count(*) FILTER (WHERE status = 'sent') AS sent,
-                   count(*) FILTER (WHERE status = 'failed') AS failed,
-                   count(*) FILTER (WHERE status = 'skipped') AS skipped,
-                   count(*) FILTER (WHERE status = 'unknown') AS unknown,
-                   count(*) FILTER (WHERE status = 'cancelled') AS cancelled
-            FROM recipients WHERE campaign_id = ANY(%s) GROUP BY campaign_id
-        ) s
-        WHERE c.campaign_id = s.campaign_id
-        """,
-        (ids,),
-    )
+    if recount:
+        await _recount(conn, ids)
     cur = await conn.execute(
         """
         UPDATE campaigns SET status = 'completed', status_reason = %s,
@@ -442,6 +490,30 @@ async def refresh_campaigns(conn: AsyncConnection, campaign_ids: set[str]) -> li
         )
         for row in completed
     ]
+
+
+async def _recount(conn: AsyncConnection, ids: list[str]) -> None:
+    """Counts of the campaigns `ids` from their recipients (a scan of each one's recipients)."""
+    await conn.execute(
+        """
+        UPDATE campaigns c SET
+            total = s.total, pending = s.pending, sent = s.sent, failed = s.failed,
+            skipped = s.skipped, unknown = s.unknown, cancelled = s.cancelled, updated_at = now()
+        FROM (
+            SELECT campaign_id,
+                   count(*) AS total,
+                   count(*) FILTER (WHERE status IN ('pending', 'deferred')) AS pending,
+                   count(*) FILTER (WHERE status = 'sent') AS sent,
+                   count(*) FILTER (WHERE status = 'failed') AS failed,
+                   count(*) FILTER (WHERE status = 'skipped') AS skipped,
+                   count(*) FILTER (WHERE status = 'unknown') AS unknown,
+                   count(*) FILTER (WHERE status = 'cancelled') AS cancelled
+            FROM recipients WHERE campaign_id = ANY(%s) GROUP BY campaign_id
+        ) s
+        WHERE c.campaign_id = s.campaign_id
+        """,
+        (ids,),
+    )
 
 
 _COMPLETED_REASON = "every recipient reached a terminal state"
