@@ -4,13 +4,16 @@ Contract: `produce()` queues a message and returns an asyncio future that
 resolves when the broker has acknowledged it (acks=all, idempotent) and
 raises `DeliveryError` when it cannot be delivered. `flush()` waits for every
 queued message. A background thread serves delivery reports, so the event
-loop never blocks on librdkafka.
+loop never blocks on librdkafka, and hands each poll's reports to the loop in
+one wake-up (not one per message).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections import deque
 from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
@@ -38,6 +41,9 @@ class AsyncProducer:
         }
         config.update(overrides)
         self._producer = Producer(config)
+        #: Delivery reports not yet handed to their event loop: (loop, future, error).
+        self._reports: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None],
+                                   KafkaError | None]] = deque()
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_loop, name=f"{client_id}-poll", daemon=True)
         self._poller.start()
@@ -45,6 +51,18 @@ class AsyncProducer:
     def _poll_loop(self) -> None:
         while not self._stop.is_set():
             self._producer.poll(0.1)
+            self._hand_over()
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Resolve the waiting reports' futures: one call per event loop."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], Any]]] = {}
+        while self._reports:
+            loop, future, err = self._reports.popleft()
+            batches.setdefault(loop, []).append((future, err))
+        for loop, batch in batches.items():
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+                loop.call_soon_threadsafe(_resolve_all, batch)
 
     def produce(self, topic: str, value: bytes, key: bytes | str | None = None) -> asyncio.Future[None]:
         """Queue one message; the future resolves once the broker has it."""
@@ -52,7 +70,7 @@ class AsyncProducer:
         future: asyncio.Future[None] = loop.create_future()
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            loop.call_soon_threadsafe(_resolve, future, err)
+            self._reports.append((loop, future, err))
 
         while True:
             try:
@@ -109,6 +127,11 @@ class AsyncProducer:
         finally:
             self._stop.set()
             self._poller.join(timeout=2)
+
+
+def _resolve_all(batch: list[tuple[asyncio.Future[None], KafkaError | None]]) -> None:
+    for future, err in batch:
+        _resolve(future, err)
 
 
 def _resolve(future: asyncio.Future[None], err: KafkaError | None) -> None:
