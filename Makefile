@@ -6,13 +6,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-tools tools lint typecheck unit integration clean
+.PHONY: demo test bench tools lint typecheck unit integration clean
 
-# Debian packages the tests run for real: prometheus (promtool rule tests, a real
-# Prometheus scraping the pipeline). Installed with apt-get when missing (as root).
-DEBIAN_TOOLS := prometheus
-# The benchmarks' SMTP sink: postfix's smtp-sink (postfix itself is not configured or started).
-BENCH_TOOLS := postfix
+# Debian packages the tests and benchmarks run for real: prometheus (promtool rule tests,
+# a real Prometheus scraping the pipeline) and postfix (its smtp-sink is the benchmarks'
+# SMTP server; postfix itself is neither configured nor started). Installed with apt-get
+# when missing (as root).
+DEBIAN_TOOLS := prometheus postfix
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,26 +26,17 @@ demo: $(STAMP)
 test: $(STAMP) tools lint typecheck
 	$(BIN)/pytest -ra --durations=15
 
-bench: $(STAMP) bench-tools
+bench: $(STAMP) tools
 	$(BIN)/python -m benchmarks $(ARGS)
 
-bench-tools:
-	@if ! command -v smtp-sink >/dev/null && [ ! -x /usr/sbin/smtp-sink ]; then \
-	  if [ "$$(id -u)" != 0 ]; then \
-	    echo "make bench-tools: run as root, or: sudo apt-get install $(BENCH_TOOLS)" >&2; exit 1; fi; \
-	  echo "installing Debian packages: $(BENCH_TOOLS)"; \
-	  export DEBIAN_FRONTEND=noninteractive; \
-	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
-	  apt-get install -y -q --no-install-recommends $(BENCH_TOOLS) >/dev/null \
-	    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(BENCH_TOOLS) >/dev/null; }; \
-	fi
-
 tools:
-	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null \
+	    || [ ! -x /usr/sbin/smtp-sink ]; then \
 	  if [ "$$(id -u)" != 0 ]; then \
 	    echo "make tools: run as root, or: sudo apt-get install $(DEBIAN_TOOLS)" >&2; exit 1; fi; \
 	  echo "installing Debian packages: $(DEBIAN_TOOLS)"; \
 	  export DEBIAN_FRONTEND=noninteractive; \
+	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	  apt-get install -y -q --no-install-recommends $(DEBIAN_TOOLS) >/dev/null \
 	    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(DEBIAN_TOOLS) >/dev/null; }; \
 	fi

@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with BenchRun(settings, run_dir) as bench:
             for name in names:
+                bench.settle()
                 say(f"\n== {name} ==")
                 module = importlib.import_module(BENCHMARKS[name])
                 try:

@@ -38,7 +38,7 @@ from services.pipeline.embedded import free_port, log_tail, port_open, start_bro
 from services.pipeline.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SMTP_SINK_HINT = "install Debian's postfix (make bench-tools, as root) for /usr/sbin/smtp-sink"
+SMTP_SINK_HINT = "install Debian's postfix (make tools, as root) for /usr/sbin/smtp-sink"
 
 
 class BenchError(RuntimeError):
@@ -292,6 +292,16 @@ class BenchRun:
         stop_processes([service.process], timeout=20.0)
         return peak
 
+    def settle(self) -> None:
+        """Between two benchmarks: stop their services, drop their databases and checkpoint,
+        so that no benchmark pays for the writes of the one before it."""
+        stop_processes([s.process for s in self._services], timeout=20.0)
+        self._services.clear()
+        self._drop_databases()
+        with contextlib.suppress(psycopg.Error), \
+                psycopg.connect(self._server_url("postgres"), autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
+
     def close(self) -> None:
         """Stop the services, the sink and the broker; drop the databases."""
         stop_processes([s.process for s in self._services], timeout=20.0)
@@ -301,6 +311,9 @@ class BenchRun:
                 stopper()
             except Exception as exc:  # keep stopping the rest
                 say(f"could not stop {name}: {exc}")
+        self._drop_databases()
+
+    def _drop_databases(self) -> None:
         for database in self._databases:
             with contextlib.suppress(psycopg.Error), \
                     psycopg.connect(self._server_url("postgres"), autocommit=True) as conn:

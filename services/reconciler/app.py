@@ -299,6 +299,12 @@ async def every(
             await asyncio.wait_for(stop.wait(), interval)
 
 
+#: Most campaign commands (chunks of up to MAILER_MAX_CHUNK_RECIPIENTS recipients) in one
+#: transaction: 500 chunks of a 100,000-recipient campaign in one batch doubled the
+#: reconciler's peak memory (issue 7).
+COMMANDS_PER_BATCH = 10
+
+
 def create_reconciler_app(settings: Settings) -> faust.App:
     """The reconciler's faust app: two batch agents and the poll endpoint."""
     app = faust_app.create_app(SERVICE, settings)
@@ -306,15 +312,18 @@ def create_reconciler_app(settings: Settings) -> faust.App:
     batch, within = settings.reconciler_batch_size, settings.reconciler_batch_seconds
 
     def batch_agent(topic: Topic, write: Callable[[list[tuple[Any, Message]]], Awaitable[None]],
-                    name: str) -> None:
+                    name: str, size: int = batch) -> None:
         async def project(stream: Any) -> None:
             await retry_transient(reconciler.start, what="reconciler start-up")
-            async for events in stream.take_events(batch, within=within):
+            async for events in stream.take_events(size, within=within):
                 await write(await reconciler.accept_batch(list(events), topic))
 
         app.agent(faust_app.faust_topic(app, topic, settings), name=name)(project)
 
-    batch_agent(Topic.CAMPAIGN_COMMANDS, reconciler.write_commands, "project-campaign-commands")
+    # a command may be a chunk of up to MAILER_MAX_CHUNK_RECIPIENTS recipients: a few per batch
+    # keep the reconciler's memory flat however large the campaign (issue 7)
+    batch_agent(Topic.CAMPAIGN_COMMANDS, reconciler.write_commands, "project-campaign-commands",
+                min(batch, COMMANDS_PER_BATCH))
     batch_agent(Topic.SEND_OUTCOMES, reconciler.write_outcomes, "project-send-outcomes")
     batch_agent(Topic.SUPPRESSIONS, reconciler.write_suppressions, "apply-suppressions")
 
