@@ -9,6 +9,8 @@ creates the registry's topics, then runs the worker until SIGTERM or SIGINT.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,9 +27,25 @@ from services.pipeline.topics import REGISTRY, Topic
 #: Events a stream may hold unprocessed (faust's default is 4096), and records one poll may
 #: turn into objects (aiokafka's default: every record fetched). With a backlog of 100,000
 #: send commands the defaults kept 26,000 records in a sender's memory, 35 MiB more than
-#: with 10,000 (issue 7, the end-to-end benchmark and tracemalloc).
-STREAM_BUFFER = 1024
+#: with 10,000, and a reconciler held every chunk of a large campaign (issue 7, the
+#: end-to-end benchmark and tracemalloc).
+STREAM_BUFFER = 128
 MAX_POLL_RECORDS = 500
+#: glibc malloc arenas per process (its default is 8 per core): every thread that allocates
+#: gets its own and keeps what it once held, which made a reconciler's peak memory grow with
+#: the campaign (issue 7). Same as MALLOC_ARENA_MAX=2.
+MALLOC_ARENAS = 2
+_M_ARENA_MAX = -8  # mallopt() parameter (malloc.h)
+
+
+def limit_malloc_arenas() -> bool:
+    """Cap glibc's malloc arenas at MALLOC_ARENAS before any thread starts; False where the C
+    library is not glibc (nothing changes there)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
+    except (OSError, AttributeError):
+        return False
 
 
 def create_app(service: str, settings: Settings) -> faust.App:
@@ -76,6 +94,7 @@ def close_on_shutdown(app: faust.App, close: Callable[[], Awaitable[None]]) -> N
 def run(app: faust.App, settings: Settings, service: str) -> None:
     """Create topics, then run `app`'s worker in this process until it is stopped, logging
     in the services' one format (services/pipeline/logs.py)."""
+    limit_malloc_arenas()
     ensure_topics(settings)
     serve_metrics(settings, service)
     loglevel = {"warning": "warn", "critical": "crit"}.get(settings.log_level, settings.log_level)
