@@ -34,6 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from services.pipeline.demo import settings_env
 from services.pipeline.embedded import free_port, log_tail, port_open, start_broker, stop_processes
 from services.pipeline.settings import Settings
 
@@ -147,15 +148,6 @@ class Service:
         if self.process.poll() is not None:
             raise BenchError(f"{self.name} exited with status {self.process.returncode}; "
                              f"last lines of {self.log_path}:\n{log_tail(self.log_path)}")
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment variables that reproduce `settings` in a child process."""
-    env: dict[str, str] = {}
-    for f in dataclasses.fields(settings):
-        value = getattr(settings, f.name)
-        env[f.metadata["env"]] = str(value).lower() if isinstance(value, bool) else str(value)
-    return env
 
 
 # --- the run ----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ Reply-To when the command has one, Subject, Date, the deterministic
 rendered, and the body: text/plain, text/html, or multipart/alternative when
 both exist, quoted-printable UTF-8. When every address is plain ASCII
 (nearly always) it is a `RawMessage` written by `services/sender/raw_message.py`
-(about 40 times faster; the same bytes as the email package but for the
+(over 100 times faster; the same bytes as the email package but for the
 boundary, and RFC 2047 words for non-ASCII text); otherwise an
 `email.message.EmailMessage` (policy SMTP), which aiosmtplib's `send_message`
 sends with SMTPUTF8. An address the email package cannot represent raises
