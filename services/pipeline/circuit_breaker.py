@@ -221,13 +221,3 @@ async def open_trips(conn: AsyncConnection) -> list[Trip]:
         " ORDER BY scope, key"
     )
     return [Trip(scope, key, consecutive, "") for scope, key, consecutive in await cur.fetchall()]
-
-
-async def is_open(conn: AsyncConnection, campaign_id: str, account: str) -> bool:
-    """Whether the campaign's or its account's breaker is open."""
-    cur = await conn.execute(
-        "SELECT 1 FROM circuit_breakers WHERE opened_at IS NOT NULL"
-        " AND ((scope = 'campaign' AND key = %s) OR (scope = 'account' AND key = %s))",
-        (campaign_id, account),
-    )
-    return await cur.fetchone() is not None

@@ -300,7 +300,7 @@ async def every(
 
 
 #: Most campaign commands (chunks of up to MAILER_MAX_CHUNK_RECIPIENTS recipients) in one
-#: transaction: 500 chunks of a 100,000-recipient campaign in one batch doubled the
+#: transaction: all 100 chunks of a 100,000-recipient campaign in one batch doubled the
 #: reconciler's peak memory (issue 7).
 COMMANDS_PER_BATCH = 10
 
