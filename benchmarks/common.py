@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -32,8 +32,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
+from services.pipeline.contract import Message, encode
 from services.pipeline.demo import settings_env
 from services.pipeline.embedded import free_port, log_tail, port_open, start_broker, stop_processes
 from services.pipeline.settings import Settings
@@ -379,6 +380,25 @@ def read_span(bootstrap: str, topic: str, expect: int, *, timeout: float,
     finally:
         consumer.close()
     return TopicSpan(count, first, last)
+
+
+def produce_messages(producer: Producer, topic: str, messages: Iterable[Message],
+                     on_delivery: Callable[..., None] | None = None) -> int:
+    """Produce `messages` keyed by send id (waiting out a full queue); how many. The caller
+    flushes."""
+    count = 0
+    for message in messages:
+        while True:
+            try:
+                producer.produce(topic, value=encode(message), key=message["send_id"],
+                                 on_delivery=on_delivery)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        count += 1
+        if count % 1000 == 0:
+            producer.poll(0)
+    return count
 
 
 @contextlib.contextmanager

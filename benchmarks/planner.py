@@ -40,6 +40,7 @@ from confluent_kafka.admin import NewTopic
 from benchmarks.common import BenchError, BenchRun, Figure, TopicSpan, read_span, say, timed
 from services.pipeline.demo import demo_campaign, demo_recipients
 from services.pipeline.kafka_admin import admin_client
+from services.pipeline.producer import producer_config
 from services.pipeline.publish import publish_campaign
 from services.pipeline.settings import Settings
 from services.pipeline.topics import Topic, spec, topic_name
@@ -158,16 +159,7 @@ def keyed(values: list[bytes]) -> list[tuple[bytes, bytes]]:
 
 def raw_config(settings: Settings) -> dict[str, Any]:
     """The producer configuration of `services.pipeline.producer.AsyncProducer`."""
-    return {
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
-        "client.id": settings.app_id("bench-raw"),
-        "enable.idempotence": True,
-        "acks": "all",
-        "linger.ms": 5,
-        "batch.num.messages": 10000,
-        "queue.buffering.max.messages": 500000,
-        "message.timeout.ms": 120000,
-    }
+    return producer_config(settings, settings.app_id("bench-raw"))
 
 
 def create_raw_topic(settings: Settings, tag: str) -> str:

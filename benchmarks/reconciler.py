@@ -46,8 +46,8 @@ import psycopg
 from confluent_kafka import KafkaError, Producer
 from confluent_kafka import Message as KafkaMessage
 
-from benchmarks.common import BenchError, BenchRun, Figure, Service, say, timed
-from services.pipeline.contract import Message, encode, envelope, validate
+from benchmarks.common import BenchError, BenchRun, Figure, Service, produce_messages, say, timed
+from services.pipeline.contract import Message, envelope, validate
 from services.pipeline.ids import message_id_header, send_id
 from services.pipeline.publish import campaign_messages, publish
 from services.pipeline.settings import Settings
@@ -248,19 +248,8 @@ def produce_outcomes(settings: Settings, messages: Iterator[Message]) -> int:
             errors.append(str(err))
 
     topic = topic_name(Topic.SEND_OUTCOMES, settings)
-    count = 0
     with timed() as elapsed:
-        for message in messages:
-            while True:
-                try:
-                    producer.produce(topic, value=encode(message), key=message["send_id"],
-                                     on_delivery=delivered)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-            count += 1
-            if count % 1000 == 0:
-                producer.poll(0)
+        count = produce_messages(producer, topic, messages, delivered)
         remaining = producer.flush(120.0)
     if remaining or errors:
         raise BenchError(f"producing outcomes: {remaining} undelivered, errors: {errors[:3]}")

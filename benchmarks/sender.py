@@ -46,8 +46,16 @@ import psycopg
 import redis.asyncio as aioredis
 from confluent_kafka import Producer
 
-from benchmarks.common import BenchError, BenchRun, Figure, Service, read_span, say
-from services.pipeline.contract import Message, encode
+from benchmarks.common import (
+    BenchError,
+    BenchRun,
+    Figure,
+    Service,
+    produce_messages,
+    read_span,
+    say,
+)
+from services.pipeline.contract import Message
 from services.pipeline.demo import demo_campaign
 from services.pipeline.embedded import stop_processes
 from services.pipeline.ids import send_id
@@ -95,17 +103,7 @@ def produce(bootstrap: str, topic: str, messages: Iterable[Message]) -> int:
     """Produce `messages` keyed by send id and wait for the broker; how many."""
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "acks": "all",
                          "queue.buffering.max.messages": 1_000_000})
-    count = 0
-    for message in messages:
-        while True:
-            try:
-                producer.produce(topic, value=encode(message), key=message["send_id"])
-                break
-            except BufferError:
-                producer.poll(0.05)
-        count += 1
-        if count % 1000 == 0:
-            producer.poll(0)
+    count = produce_messages(producer, topic, messages)
     if (left := producer.flush(60)) > 0:
         raise BenchError(f"{left} send commands not delivered to {topic}")
     return count

@@ -25,20 +25,26 @@ class DeliveryError(RuntimeError):
     """The broker did not accept a produced message."""
 
 
+def producer_config(settings: Settings, client_id: str) -> dict[str, Any]:
+    """The librdkafka configuration every service's producer uses (and the benchmarks' raw
+    baseline, so that it measures the same producer)."""
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        "client.id": client_id,
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "batch.num.messages": 10000,
+        "queue.buffering.max.messages": 500000,
+        "message.timeout.ms": 120000,
+    }
+
+
 class AsyncProducer:
     """A confluent-kafka producer whose deliveries resolve asyncio futures."""
 
     def __init__(self, settings: Settings, *, client_id: str, **overrides: Any) -> None:
-        config: dict[str, Any] = {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
-            "client.id": client_id,
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": 5,
-            "batch.num.messages": 10000,
-            "queue.buffering.max.messages": 500000,
-            "message.timeout.ms": 120000,
-        }
+        config = producer_config(settings, client_id)
         config.update(overrides)
         self._producer = Producer(config)
         #: Delivery reports not yet handed to their event loop: (loop, future, error).
