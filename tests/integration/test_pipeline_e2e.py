@@ -28,6 +28,7 @@ from tests.support.smtp_server import SmtpServer
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.tansu_smoke
 def test_campaign_goes_from_crm_command_to_smtp_and_projections(
     settings: Settings, services: ServiceRunner, smtp_server: SmtpServer,
     sql: Callable[..., list[tuple]],
