@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 # a real Prometheus scraping the pipeline), postfix (its smtp-sink is the benchmarks'
 # SMTP server; postfix itself is neither configured nor started), postgresql and
 # redis-server (the tests start a PostgreSQL cluster and a redis-server of their own,
-# tests/support/local_servers.py). Installed with apt-get when missing (as root), with a
+# services/pipeline/local_servers.py). Installed with apt-get when missing (as root), with a
 # policy-rc.d that keeps apt from starting any of their services.
 DEBIAN_TOOLS := prometheus postfix postgresql redis-server
 

@@ -1,8 +1,8 @@
 """`make bench` / `python -m benchmarks`: every throughput benchmark against its raw baseline.
 
 Contract: runs the chosen benchmarks (default: all, in the order planner,
-sender, reconciler, end-to-end) in one `BenchRun` (fresh tansu broker and
-smtp-sink, a fresh Postgres database per benchmark), printing progress, then
+sender, reconciler, end-to-end) in one `BenchRun` (a fresh broker — tansu, or
+Apache Kafka with `--broker kafka` — and smtp-sink, a fresh Postgres database per benchmark), printing progress, then
 one table of every figure with the raw baseline measured in the same run, the
 ratio and the target. Writes the figures to `.bench/<stamp>/results.json`.
 Exit status 0 when every benchmark ran (missed targets are reported, not
@@ -25,6 +25,8 @@ import orjson
 
 from benchmarks.common import BenchError, BenchRun, Figure, figures_table, say
 from services.pipeline.embedded import EmbeddedError
+from services.pipeline.kafka_local import KafkaLocalError
+from services.pipeline.local_servers import LocalServerError
 from services.pipeline.settings import Settings, SettingsError
 
 #: benchmark name -> module with `run(bench, args) -> list[Figure]`
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS), default=None,
                         help="run only this benchmark (repeatable)")
+    parser.add_argument("--broker", choices=("tansu", "kafka"), default="tansu",
+                        help="the broker to start: the embedded tansu (default) or Apache Kafka")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes (a smoke run: minutes less, figures noisier)")
     parser.add_argument("--strict", action="store_true", help="exit 3 when a target is missed")
@@ -111,14 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in BENCHMARKS if args.only is None or n in args.only]
     stamp = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
     run_dir = Path(".bench") / stamp
-    say(f"benchmark run {stamp}: {', '.join(names)}; logs in {run_dir}")
+    say(f"benchmark run {stamp} on {args.broker}: {', '.join(names)}; logs in {run_dir}")
     info = machine()
     say(f"machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}")
     figures: list[Figure] = []
     failed: list[str] = []
     started = time.monotonic()
     try:
-        with BenchRun(settings, run_dir) as bench:
+        with BenchRun(settings, run_dir, args.broker) as bench:
             for name in names:
                 bench.settle()
                 say(f"\n== {name} ==")
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception:
                     traceback.print_exc()
                     failed.append(name)
-    except (BenchError, EmbeddedError) as exc:
+    except (BenchError, EmbeddedError, KafkaLocalError, LocalServerError) as exc:
         print(f"benchmarks: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

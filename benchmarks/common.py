@@ -1,9 +1,11 @@
 """What every benchmark shares: one run's infrastructure, the services it starts, the figures.
 
-Contract: `BenchRun` (a context manager) starts a fresh tansu broker (or uses
-KAFKA_BOOTSTRAP_SERVERS when it is set), and postfix's `smtp-sink` on a free
-port; Postgres and Redis are the configured servers (`DATABASE_URL`,
-`REDIS_URL`). `run.settings(name)` gives one benchmark's settings: a fresh,
+Contract: `BenchRun` (a context manager) starts a fresh broker — tansu, or with
+`broker="kafka"` a one-node Apache Kafka (services/pipeline/kafka_local.py) — or
+uses KAFKA_BOOTSTRAP_SERVERS when it is set, and postfix's `smtp-sink` on a free
+port; Postgres and Redis are the configured servers when `DATABASE_URL` and
+`REDIS_URL` are set, otherwise servers of its own (services/pipeline/local_servers.py;
+Postgres with fsync on, as in production). `run.settings(name)` gives one benchmark's settings: a fresh,
 migrated Postgres database of its own (dropped when the run ends), its own
 topic, consumer-group and Redis key prefixes, every sending limit lifted, the
 topics created and the limiter's epoch set. `run.start_service()` starts `mailer planner|sender|reconciler`
@@ -37,6 +39,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 from services.pipeline.contract import Message, encode
 from services.pipeline.demo import settings_env
 from services.pipeline.embedded import free_port, log_tail, port_open, start_broker, stop_processes
+from services.pipeline.kafka_clients import client_config
 from services.pipeline.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -157,9 +160,10 @@ class Service:
 class BenchRun:
     """The infrastructure of one benchmark run (see the module docstring)."""
 
-    def __init__(self, base: Settings, run_dir: Path) -> None:
+    def __init__(self, base: Settings, run_dir: Path, broker: str = "tansu") -> None:
         self.base = base
         self.run_dir = run_dir
+        self.broker = broker
         self.stamp = run_dir.name
         self._stoppers: list[tuple[str, Callable[[], None]]] = []
         self._services: list[Service] = []
@@ -181,9 +185,17 @@ class BenchRun:
         self.close()
 
     def _start(self) -> None:
+        self._start_postgres_and_redis()
         if "KAFKA_BOOTSTRAP_SERVERS" in os.environ:
             self.bootstrap = self.base.kafka_bootstrap_servers
-            say(f"broker: {self.bootstrap} (KAFKA_BOOTSTRAP_SERVERS)")
+            say(f"broker: {self.bootstrap} (KAFKA_BOOTSTRAP_SERVERS, {self.broker})")
+        elif self.broker == "kafka":
+            from services.pipeline.kafka_local import KAFKA_VERSION, start_kafka
+
+            cluster = start_kafka(self.run_dir / "kafka")
+            self._stoppers.append(("broker", cluster.stop))
+            self.bootstrap = cluster.bootstrap_servers
+            say(f"broker: Apache Kafka {KAFKA_VERSION} (one KRaft node) on {self.bootstrap}")
         else:
             broker = start_broker(run_dir=self.run_dir)
             self._stoppers.append(("broker", broker.stop))
@@ -191,6 +203,26 @@ class BenchRun:
             say(f"broker: embedded tansu on {self.bootstrap}")
         self.smtp_port = self._start_smtp_sink()
         say(f"smtp sink: postfix smtp-sink on 127.0.0.1:{self.smtp_port}")
+
+    def _start_postgres_and_redis(self) -> None:
+        """Our own Postgres and Redis unless DATABASE_URL / REDIS_URL name configured ones."""
+        from services.pipeline.embedded import mask_url
+        from services.pipeline.local_servers import start_postgres, start_redis
+
+        if "DATABASE_URL" in os.environ:
+            say(f"postgres: {mask_url(self.base.database_url)} (DATABASE_URL)")
+        else:
+            postgres = start_postgres(durable=True)
+            self._stoppers.append(("postgres", postgres.stop))
+            self.base = dataclasses.replace(self.base, database_url=postgres.url)
+            say(f"postgres: our own on {postgres.url} (fsync on)")
+        if "REDIS_URL" in os.environ:
+            say(f"redis: {mask_url(self.base.redis_url)} (REDIS_URL)")
+        else:
+            redis = start_redis()
+            self._stoppers.append(("redis", redis.stop))
+            self.base = dataclasses.replace(self.base, redis_url=redis.url)
+            say(f"redis: our own on {redis.url}")
 
     def _start_smtp_sink(self) -> int:
         binary = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
@@ -228,6 +260,7 @@ class BenchRun:
         tag = f"bench-{self.stamp}-{name}"
         fields: dict[str, Any] = {
             "kafka_bootstrap_servers": self.bootstrap,
+            "broker_kind": self.broker,
             "database_url": url,
             "topic_prefix": f"{tag}.",
             "app_id_prefix": tag,
@@ -298,6 +331,7 @@ class BenchRun:
     def close(self) -> None:
         """Stop the services, the sink and the broker; drop the databases."""
         stop_processes([s.process for s in self._services], timeout=20.0)
+        self._drop_databases()
         while self._stoppers:
             name, stopper = self._stoppers.pop()
             try:
@@ -336,7 +370,7 @@ class TopicSpan:
         return self.count / self.seconds
 
 
-def read_span(bootstrap: str, topic: str, expect: int, *, timeout: float,
+def read_span(settings: Settings, topic: str, expect: int, *, timeout: float,
               check: Callable[[], None] = lambda: None,
               on_message: Callable[[bytes], None] | None = None,
               progress: Callable[[int], None] | None = None) -> TopicSpan:
@@ -346,7 +380,7 @@ def read_span(bootstrap: str, topic: str, expect: int, *, timeout: float,
     service that died raises there); `on_message` sees every value.
     """
     consumer = Consumer({
-        "bootstrap.servers": bootstrap,
+        **client_config(settings),
         "group.id": f"bench-reader-{secrets.token_hex(4)}",
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",

@@ -105,7 +105,7 @@ def measure_planner(bench: BenchRun, settings: Settings, recipients: int, timeou
     wait_for_planned(settings.database_url, campaign_id, recipients, timeout=timeout, check=service.check)
     peak = bench.stop_service(service)
     values: list[bytes] = []
-    span = read_span(bench.bootstrap, topic, recipients, timeout=timeout, on_message=values.append)
+    span = read_span(settings, topic, recipients, timeout=timeout, on_message=values.append)
     return PlannerRun(keyed(values), span, peak)
 
 
@@ -167,7 +167,8 @@ def create_raw_topic(settings: Settings, tag: str) -> str:
     send = spec(Topic.SEND_COMMANDS)
     name = f"{settings.topic_prefix}bench.raw-send-commands-{tag}"
     topic = NewTopic(name, num_partitions=send.partitions_for(settings),
-                     replication_factor=settings.topic_replication_factor, config=dict(send.configs))
+                     replication_factor=settings.topic_replication_factor,
+                     config=send.configs_for(settings))
     admin = admin_client(settings)  # kept alive: the future fails once the client is destroyed
     try:
         admin.create_topics([topic], request_timeout=30)[name].result()
@@ -185,7 +186,7 @@ def measure_raw(bench: BenchRun, settings: Settings, messages: list[tuple[bytes,
     runs = [produce_all(settings, topic, messages, warm_up) for topic in topics]
     say(f"raw producer runs: {', '.join(f'{run:.3f} s' for run in runs)}")
     return RawRun(statistics.median(runs),
-                  read_span(bench.bootstrap, topics[0], len(messages), timeout=timeout))
+                  read_span(settings, topics[0], len(messages), timeout=timeout))
 
 
 def produce_all(settings: Settings, topic: str, messages: list[tuple[bytes, bytes]], warm_up: str) -> float:

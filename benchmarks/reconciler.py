@@ -49,6 +49,7 @@ from confluent_kafka import Message as KafkaMessage
 from benchmarks.common import BenchError, BenchRun, Figure, Service, produce_messages, say, timed
 from services.pipeline.contract import Message, envelope, validate
 from services.pipeline.ids import message_id_header, send_id
+from services.pipeline.kafka_clients import client_config
 from services.pipeline.publish import campaign_messages, publish
 from services.pipeline.settings import Settings
 from services.pipeline.topics import Topic, topic_name
@@ -237,7 +238,7 @@ def project_campaign(bench: BenchRun, settings: Settings, recipients: list[dict[
 def produce_outcomes(settings: Settings, messages: Iterator[Message]) -> int:
     """Step 2: produce the outcomes keyed by send id, as the sender does; return how many."""
     producer = Producer({
-        "bootstrap.servers": settings.kafka_bootstrap_servers, "enable.idempotence": True,
+        **client_config(settings), "enable.idempotence": True,
         "acks": "all", "linger.ms": 20, "batch.num.messages": 10000,
         "queue.buffering.max.messages": 500000, "message.timeout.ms": 120000,
     })

@@ -59,6 +59,7 @@ from services.pipeline.contract import Message
 from services.pipeline.demo import demo_campaign
 from services.pipeline.embedded import stop_processes
 from services.pipeline.ids import send_id
+from services.pipeline.kafka_clients import client_config
 from services.pipeline.settings import Settings
 from services.pipeline.topics import Topic, topic_name
 from services.planner.plan_chunk import send_command
@@ -99,9 +100,9 @@ def email_bytes(command: Message, settings: Settings) -> tuple[str, str, bytes]:
     return command["from"]["email"], command["recipient"]["email"], message.as_bytes()
 
 
-def produce(bootstrap: str, topic: str, messages: Iterable[Message]) -> int:
+def produce(settings: Settings, topic: str, messages: Iterable[Message]) -> int:
     """Produce `messages` keyed by send id and wait for the broker; how many."""
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "acks": "all",
+    producer = Producer({**client_config(settings), "linger.ms": 20, "acks": "all",
                          "queue.buffering.max.messages": 1_000_000})
     count = produce_messages(producer, topic, messages)
     if (left := producer.flush(60)) > 0:
@@ -215,7 +216,7 @@ def check_all(services: list[Service]) -> Callable[[], None]:
 def warm_round(bench: BenchRun, settings: Settings, check: Callable[[], None],
                campaign_id: str, size: int) -> int:
     """Produce one warm-up round and wait until it is sent; how many processes claimed it."""
-    produce(bench.bootstrap, topic_name(Topic.SEND_COMMANDS, settings), commands(campaign_id, 0, size))
+    produce(settings, topic_name(Topic.SEND_COMMANDS, settings), commands(campaign_id, 0, size))
     deadline = time.monotonic() + WARMUP_TIMEOUT
     while (done := finished_claims(settings, campaign_id))[0] < size:
         check()
@@ -267,7 +268,7 @@ def read_outcomes(bench: BenchRun, settings: Settings, campaign_id: str, warm: i
     topic, expect = topic_name(Topic.SEND_OUTCOMES, settings), warm + emails
     while True:
         outcomes = Outcomes(campaign_id)
-        read_span(bench.bootstrap, topic, expect, timeout=timeout, check=check_all(services),
+        read_span(settings, topic, expect, timeout=timeout, check=check_all(services),
                   on_message=outcomes.add, progress=progress_printer(expect))
         if outcomes.count >= emails:
             return outcomes
@@ -283,7 +284,7 @@ def measure_sender(bench: BenchRun, settings: Settings, processes: int, emails: 
         warm = warm_up(bench, settings, services)
         campaign_id = f"bench-sender-{processes}"
         cpu, started = services_cpu(services), time.monotonic()
-        produce(bench.bootstrap, topic_name(Topic.SEND_COMMANDS, settings),
+        produce(settings, topic_name(Topic.SEND_COMMANDS, settings),
                 commands(campaign_id, 0, emails))
         outcomes = read_outcomes(bench, settings, campaign_id, warm, emails, services, timeout)
         cpu, wall = services_cpu(services) - cpu, time.monotonic() - started

@@ -5,7 +5,7 @@ started from the jars `make kafka` resolves); tests marked `tansu_smoke` run
 on the embedded tansu broker too. Postgres and Redis come from, in order: a URL
 in the environment (`TEST_DATABASE_URL`, `TEST_REDIS_URL`); testcontainers when
 a Docker engine answers; otherwise a PostgreSQL cluster and a redis-server the
-tests start for themselves (tests/support/local_servers.py).
+tests start for themselves (services/pipeline/local_servers.py).
 Every test gets its own database, topic prefix and consumer-group prefix, so
 tests never see each other's messages.
 """
@@ -107,7 +107,7 @@ def postgres_server(docker_engine: bool) -> Iterator[str]:
         with PostgresContainer("postgres:16", driver=None) as pg:
             yield pg.get_connection_url()
     else:
-        from tests.support.local_servers import local_postgres
+        from services.pipeline.local_servers import local_postgres
 
         with local_postgres() as server:
             yield server.url
@@ -124,7 +124,7 @@ def redis_url(docker_engine: bool) -> Iterator[str]:
         with RedisContainer("redis:7") as r:
             yield f"redis://{r.get_container_host_ip()}:{r.get_exposed_port(6379)}/0"
     else:
-        from tests.support.local_servers import local_redis
+        from services.pipeline.local_servers import local_redis
 
         with local_redis() as server:
             yield server.url

@@ -26,6 +26,7 @@ from services.ops.dead_letter_view import dead_letter_lines, newest_dead_letters
 from services.ops.limiter_view import limiter_lines, limiter_state
 from services.ops.render import emit
 from services.ops.waiting import deferred, deferred_lines, stuck, stuck_lines
+from services.pipeline.kafka_problems import BrokerUnavailable
 from services.pipeline.settings import Settings
 from services.reconciler.campaign_view import views_from_settings
 
@@ -41,6 +42,8 @@ def ops_command(args: argparse.Namespace, settings: Settings) -> int:
         print(f"mailer ops: Postgres did not answer: {exc}".rstrip(), file=sys.stderr)
     except KafkaException as exc:
         print(f"mailer ops: Kafka did not answer: {exc}", file=sys.stderr)
+    except BrokerUnavailable as exc:
+        print(f"mailer ops: {exc}", file=sys.stderr)
     return 1
 
 

@@ -18,6 +18,7 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from services.ops.render import table, when
+from services.pipeline.kafka_clients import client_config
 from services.pipeline.settings import Settings
 from services.pipeline.topics import Topic, spec, topic_name
 
@@ -28,7 +29,7 @@ def newest_dead_letters(settings: Settings, limit: int, payload: bool = False,
     topic = topic_name(Topic.DEAD_LETTERS, settings)
     partitions = spec(Topic.DEAD_LETTERS).partitions_for(settings)
     consumer = Consumer({
-        "bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": "mailer-ops-unused",
+        **client_config(settings), "group.id": "mailer-ops-unused",
         "enable.auto.commit": False, "enable.partition.eof": True,
     })
     events: list[dict[str, Any]] = []

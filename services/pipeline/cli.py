@@ -68,11 +68,9 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _topics(args: argparse.Namespace, settings: Settings) -> int:
-    from services.pipeline.kafka_admin import ensure_topics
+    from services.pipeline.topics_command import topics_command
 
-    created = ensure_topics(settings)
-    print("created: " + (", ".join(created) if created else "nothing (all topics exist)"))
-    return 0
+    return topics_command(args, settings)
 
 
 def _publish(args: argparse.Namespace, settings: Settings) -> int:
@@ -167,7 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
                              help="serve /metrics on this port (overrides MAILER_METRICS_PORT)")
     add("migrate", _migrate,
         "apply the ordered SQL migrations to DATABASE_URL; restore the limiter's Redis state if lost")
-    add("topics", _topics, "create every topic of the registry that does not exist yet")
+    topics = add("topics", _topics,
+                 "create the registry's missing topics (MAILER_TOPICS=create), check them "
+                 "(--check), or print their specs for a platform team (--print)")
+    from services.pipeline.topics_command import add_topics_arguments
+
+    add_topics_arguments(topics)
     add("lag", _lag, "print each consumer group's state, members and lag per partition")
 
     ops = add("ops", _ops, "on-call commands: campaign, audit, stuck, deferred, limiter, lag, "

@@ -18,15 +18,19 @@ style gauges `kafka_consumergroup_group_lag`, `_group_lag_seconds`,
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient
 from prometheus_client import Gauge
 
+from services.pipeline.kafka_clients import client_config
+from services.pipeline.kafka_problems import BrokerReporter
 from services.pipeline.settings import Settings
+from services.pipeline.topics import REGISTRY
 
 SERVICES = ("planner", "sender", "reconciler")
 
@@ -65,9 +69,15 @@ class GroupLag:
     partitions: list[PartitionLag] = field(default_factory=list)
 
 
+@functools.cache
+def _reporter(settings: Settings) -> BrokerReporter:
+    """One reporter per process and settings: a broker outage is said once, not per measurement."""
+    return BrokerReporter(settings)
+
+
 def measure(settings: Settings, timeout: float = 10.0) -> list[GroupLag]:
     """The lag of every consumer group of the pipeline."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    admin = AdminClient(client_config(settings, reporter=_reporter(settings)))
     groups = [settings.app_id(service) for service in SERVICES]
     result = []
     for group, future in admin.describe_consumer_groups(groups, request_timeout=timeout).items():
@@ -80,17 +90,37 @@ def measure(settings: Settings, timeout: float = 10.0) -> list[GroupLag]:
         except Exception:
             state, members = "unknown", 0
         result.append(GroupLag(group, state, members))
-    committed: dict[str, list[TopicPartition]] = {}
-    for lag in result:
-        request = [ConsumerGroupTopicPartitions(lag.group)]
-        try:
-            offsets = admin.list_consumer_group_offsets(request, request_timeout=timeout)[lag.group].result()
-        except Exception:
-            continue
-        committed[lag.group] = [tp for tp in offsets.topic_partitions or [] if tp.offset >= 0]
+    committed = {settings.app_id(service): _committed(settings, service, timeout) for service in SERVICES}
     for lag in result:
         lag.partitions = _partition_lags(settings, committed.get(lag.group, []), timeout)
     return result
+
+
+def _committed(settings: Settings, service: str, timeout: float) -> list[TopicPartition]:
+    """The offsets `service`'s group committed on the partitions of the topics it reads.
+
+    Asked through a consumer in that group (OffsetFetch from its coordinator, found again
+    when it moves), which never joins it: the AdminClient's list_consumer_group_offsets
+    crashes librdkafka 2.16 (SIGSEGV in rd_kafka_cgrp_op) when the answer is
+    NOT_COORDINATOR, as it is just after the coordinator's broker died (issue 13, the
+    three-broker test; confluent-kafka-javascript#374 shows the same stack).
+    """
+    topics = [spec.name(settings) for spec in REGISTRY.values() if service in spec.consumers]
+    consumer = Consumer({
+        **client_config(settings, reporter=_reporter(settings)),
+        "group.id": settings.app_id(service), "enable.auto.commit": False,
+    })
+    try:
+        metadata = consumer.list_topics(timeout=timeout).topics
+        wanted = [TopicPartition(topic, partition) for topic in topics if topic in metadata
+                  for partition in sorted(metadata[topic].partitions)]
+        if not wanted:
+            return []
+        return [tp for tp in consumer.committed(wanted, timeout=timeout) if tp.offset >= 0]
+    except Exception:  # the broker did not answer in time: no partitions this round
+        return []
+    finally:
+        consumer.close()
 
 
 def _partition_lags(
@@ -100,7 +130,7 @@ def _partition_lags(
     if not committed:
         return []
     consumer = Consumer({
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        **client_config(settings, reporter=_reporter(settings)),
         "group.id": f"mailer-lag-{uuid.uuid4().hex}", "enable.auto.commit": False,
         "enable.partition.eof": True, "auto.offset.reset": "earliest",
     })

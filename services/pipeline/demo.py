@@ -10,9 +10,14 @@ endpoint, with an `ops` bearer token of its own (only its hash is written, to
 or `args.timeout` passes. It prints a summary and
 stops everything it started, also on error and on Ctrl-C/SIGTERM. Topic and
 consumer-group names carry a per-run prefix, so runs against a shared broker
-are independent. Returns 0 only when the campaign completed with every
-recipient in a terminal state; 1 on failure, 2 on bad arguments, 130 when
-interrupted.
+are independent. The demo writes only into a database and Redis keys of its
+own: on a configured Postgres that answers it creates a fresh database
+`mailer_demo_<stamp>` and drops it at the end; on a configured Redis it uses
+the key prefix `<MAILER_REDIS_KEY_PREFIX>-demo-<stamp>` and deletes those keys
+at the end (also on error and Ctrl-C); otherwise it starts embedded ones under
+`.demo/`. Its output says which (URLs without passwords). Returns 0 only when
+the campaign completed with every recipient in a terminal state; 1 on failure,
+2 on bad arguments, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from services.pipeline.demo_progress import (
 )
 from services.pipeline.embedded import (
     EmbeddedError,
+    delete_keys,
     free_port,
     log_tail,
     port_open,
@@ -54,6 +60,8 @@ from services.pipeline.embedded import (
     start_broker,
     stop_processes,
 )
+from services.pipeline.kafka_admin import TopicsError
+from services.pipeline.kafka_problems import BrokerUnavailable
 from services.pipeline.redaction import mask_email
 from services.pipeline.settings import Settings
 
@@ -232,7 +240,7 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
         except KeyboardInterrupt:
             _say("\ndemo interrupted", err=True)
             return 130
-        except (DemoError, EmbeddedError, PollError) as exc:
+        except (DemoError, EmbeddedError, PollError, BrokerUnavailable, TopicsError) as exc:
             _say(f"demo failed: {exc}", err=True)
             return 1
         except Exception as exc:
@@ -259,18 +267,31 @@ def _run(
         cleanup.add("broker", broker.stop)
         bootstrap = broker.bootstrap_servers
         print(f"broker: embedded tansu on {bootstrap} (log {broker.log_path})", flush=True)
-    pg = postgres_url(settings.database_url, data_dir=run_dir / "pgdata")
-    cleanup.add("postgres", pg.stop)
+    database = "mailer_demo_" + stamp.replace("-", "_")
+    pg = postgres_url(settings.database_url, data_dir=run_dir / "pgdata", own_database=database)
+    cleanup.add("postgres", _announced(pg.stop, "" if pg.embedded else
+                                       f"postgres: dropped the demo's database {database}"))
     print(f"postgres: {pg.description}", flush=True)
+    key_prefix = f"{settings.redis_key_prefix}-demo-{stamp}"
     rd = redis_url(settings.redis_url, run_dir=run_dir)
     cleanup.add("redis", rd.stop)
-    print(f"redis: {rd.description}", flush=True)
+    if rd.embedded:
+        print(f"redis: {rd.description}", flush=True)
+    else:
+        def delete_demo_keys() -> None:
+            _say(f"redis: deleted the demo's {delete_keys(rd.url, key_prefix)} keys "
+                 f"{{{key_prefix}}}:*")
+
+        cleanup.add("the demo's Redis keys", delete_demo_keys)
+        print(f"redis: {rd.description}, keys {{{key_prefix}}}:* only (deleted at the end)",
+              flush=True)
 
     smtp_port, http_port = free_port(), free_port()
     api_token, tokens_file = _api_token_file(run_dir)
     demo = dataclasses.replace(
         settings,
         kafka_bootstrap_servers=bootstrap,
+        broker_kind=settings.broker_kind if "KAFKA_BOOTSTRAP_SERVERS" in os.environ else "tansu",
         database_url=pg.url,
         redis_url=rd.url,
         topic_prefix=f"{settings.topic_prefix}demo-{stamp}.",
@@ -285,7 +306,7 @@ def _run(
         http_port=http_port,
         api_tokens_file=str(tokens_file),
         # the demo shows the pipeline at full speed, at any hour: limits lifted, own Redis keys
-        redis_key_prefix=f"{settings.redis_key_prefix}-demo-{stamp}",
+        redis_key_prefix=key_prefix,
         hourly_rate=0,
         daily_limit_per_manager=0,
         working_hours="00:00-24:00",
@@ -346,6 +367,17 @@ def _run(
     print(f"published in {time.monotonic() - t0:.1f}s", flush=True)
     view, wall = _follow(args, http_port, api_token, campaign_id, len(recipients), children, t0)
     return _summary(view, wall, len(recipients))
+
+
+def _announced(stop: Callable[[], None], done: str) -> Callable[[], None]:
+    """`stop`, then print `done` (when not empty)."""
+
+    def run() -> None:
+        stop()
+        if done:
+            _say(done)
+
+    return run
 
 
 def _wait_for_port(child: Child, port: int, timeout: float) -> None:

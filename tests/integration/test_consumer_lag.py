@@ -70,7 +70,8 @@ def test_lag_command_prints_the_groups(settings: Settings, monkeypatch: pytest.M
 
 # --- against Kafka's own consumer-group command ------------------------------------
 
-LagTable = dict[tuple[str, str, int], tuple[int, int, int]]  # (group, topic, partition) -> (committed, end, lag)
+#: (group, topic, partition) -> (committed offset, end offset, lag)
+LagTable = dict[tuple[str, str, int], tuple[int, int, int]]
 
 
 def mailer_lag(services: ServiceRunner) -> LagTable:

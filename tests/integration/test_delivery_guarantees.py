@@ -21,8 +21,9 @@ import psycopg
 import pytest
 
 from services.pipeline.contract import encode, envelope, validate
-from services.pipeline.embedded import free_port, start_broker
+from services.pipeline.embedded import Broker, free_port, start_broker
 from services.pipeline.ids import normalize_email
+from services.pipeline.kafka_local import KafkaCluster, start_kafka
 from services.pipeline.publish import lifecycle_message, publish, publish_campaign
 from services.pipeline.settings import Settings
 from services.pipeline.topics import Topic, topic_name
@@ -122,6 +123,7 @@ def test_pause_is_honoured_from_its_acknowledgement_resume_finishes_cancel_ends_
           f"cancel: {len(sent_stop)} sent, {final['cancelled']} cancelled")
 
 
+@pytest.mark.fault
 def test_sigkilled_sender_three_times_sends_nobody_twice_and_loses_nobody(
     settings: Settings, services: ServiceRunner, smtp_server: SmtpServer, sql: SQL,
 ) -> None:
@@ -236,6 +238,7 @@ def test_550_fails_joins_the_suppression_list_and_is_never_retried(
     assert {smtp_server.handler.rcpt_attempts[a] for a in bad} == {1}
 
 
+@pytest.mark.fault
 def test_postgres_refusing_connections_mid_campaign_is_waited_out(
     settings: Settings, services: ServiceRunner, smtp_server: SmtpServer, postgres_server: str,
 ) -> None:
@@ -290,14 +293,25 @@ def test_resend_goes_to_the_failed_recipients_only_once(
     assert sql("SELECT count(*) FROM audit_log WHERE action = 'resend'") == [(1,)]
 
 
+@pytest.mark.tansu_smoke
+@pytest.mark.fault
 def test_broker_connection_cut_and_restored_mid_campaign(
-    settings: Settings, smtp_server: SmtpServer, tmp_path: Path, sql: SQL,
+    settings: Settings, smtp_server: SmtpServer, tmp_path: Path, sql: SQL, broker_kind: str,
 ) -> None:
     proxy_port = free_port()
-    broker = start_broker(run_dir=tmp_path / "tansu", advertised_port=proxy_port)
-    proxy = TcpProxy(int(broker.bootstrap_servers.rpartition(":")[2]), proxy_port)
-    proxy.start()
-    settings = replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{proxy_port}")
+    if broker_kind == "tansu":
+        broker: Broker | KafkaCluster = start_broker(run_dir=tmp_path / "tansu",
+                                                     advertised_port=proxy_port)
+        broker_port = int(broker.bootstrap_servers.rpartition(":")[2])
+        proxy = TcpProxy(broker_port, proxy_port)
+        proxy.start()
+    else:  # clients reach Apache Kafka only through the proxy; it cuts them all off
+        broker_port = free_port()
+        proxy = TcpProxy(broker_port, proxy_port)
+        proxy.start()
+        broker = start_kafka(tmp_path / "kafka", ports=[broker_port], advertised_ports=[proxy_port])
+    settings = replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{proxy_port}",
+                       broker_kind=broker_kind)
     smtp_server.handler.data_delay = 0.005
     try:
         with run_services(settings, tmp_path / "logs") as services:

@@ -10,12 +10,14 @@ The longest pause in deliveries after each loss is printed (docs/GUARANTEES.md).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
 from services.pipeline.kafka_local import KafkaCluster, start_kafka
@@ -41,9 +43,20 @@ def leaders(cluster: KafkaCluster, topic: str) -> Counter[int]:
 def replication(cluster: KafkaCluster, topic: str) -> tuple[set[int], str]:
     """The replica counts of `topic`'s partitions and its min.insync.replicas."""
     admin = AdminClient({"bootstrap.servers": cluster.bootstrap_servers})
-    partitions = admin.list_topics(topic, timeout=10).topics[topic].partitions.values()
     resource = ConfigResource(ResourceType.TOPIC, topic)
-    configs = admin.describe_configs([resource])[resource].result()
+    deadline = time.monotonic() + 15
+    while True:  # the broker asked may learn of a topic created a moment ago a little later
+        try:
+            partitions = admin.list_topics(topic, timeout=10).topics[topic].partitions.values()
+            configs = admin.describe_configs([resource])[resource].result()
+            if partitions:
+                break
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{topic} has no partitions")
+        time.sleep(0.5)
     return {len(p.replicas) for p in partitions}, configs["min.insync.replicas"].value
 
 
@@ -54,7 +67,7 @@ def longest_gap(stamps: list[float], since: float, until: float) -> float:
     later = [t for t in stamps if t > until]
     if later:
         window.append(min(later))
-    return max(b - a for a, b in zip(window, window[1:], strict=False)) if len(window) > 1 else 0.0
+    return max(b - a for a, b in itertools.pairwise(window)) if len(window) > 1 else 0.0
 
 
 @pytest.mark.timeout(600)
@@ -104,6 +117,7 @@ def test_three_brokers_lose_the_leader_then_another_and_nobody_is_mailed_twice(
     stamps = [m.at for m in smtp_server.messages()]
     print(f"\n3 brokers, RF 3, min.insync.replicas 2, {RECIPIENTS} recipients, 2 senders: "
           f"{len(delivered)} delivered once, 0 twice, in {max(stamps) - min(stamps):.1f}s")
-    for what, node, at, count in losses:
-        stall = longest_gap(stamps, at, at + 60)
+    ends = [later_at for _, _, later_at, _ in losses[1:]] + [losses[-1][2] + 60]
+    for (what, node, at, count), until in zip(losses, ends, strict=True):
+        stall = longest_gap(stamps, at, until)  # up to the next loss
         print(f"  SIGKILL node {node} ({what}) at {count} delivered: deliveries stalled {stall:.1f}s")

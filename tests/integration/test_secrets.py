@@ -1,10 +1,11 @@
 """Secrets never reach logs, events, errors, metrics or the poll endpoint (issue 6, item 5).
 
 A campaign runs with a known SMTP password (from a secret file), a known quota API key (from
-the environment) and known API tokens; the SMTP server and the quota endpoint check that they
-were really used. Then the password goes wrong (an authentication failure, an error path). Every
-output is searched: each service's whole log, every message of every topic, the poll endpoint
-in both languages, /metrics, and what the ops CLI prints.
+the environment), known API tokens and a known Kafka SASL password (from the environment, on a
+SASL_SSL listener: tests/support/secured_kafka.py); the SMTP server, the quota endpoint and the
+broker check that they were really used. Then the password goes wrong (an authentication
+failure, an error path). Every output is searched: each service's whole log, every message of
+every topic, the poll endpoint in both languages, /metrics, and what the ops CLI prints.
 """
 
 from __future__ import annotations
@@ -26,17 +27,21 @@ from typing import Any, ClassVar
 import pytest
 
 from services.pipeline.embedded import free_port
+from services.pipeline.kafka_local import KafkaCluster
 from services.pipeline.publish import publish, publish_campaign
 from services.pipeline.publish import test_email_message as build_test_email
 from services.pipeline.settings import Settings
 from services.pipeline.topics import REGISTRY
 from tests.support.campaigns import campaign, recipients
+from tests.support.certificates import Certificates
 from tests.support.kafka import read_topic
 from tests.support.poll import API_TOKEN, get_json, wait_for_status, write_token_file
 from tests.support.processes import ROOT, run_services
+from tests.support.secured_kafka import KAFKA_PASSWORD, kafka_certs, secure, secured_kafka
 from tests.support.smtp_server import PasswordCheck, SmtpServer
 
 pytestmark = pytest.mark.integration
+__all__ = ["kafka_certs", "secured_kafka"]  # the fixtures this module uses
 
 SMTP_PASSWORD = f"smtp-pw-{secrets.token_hex(12)}"
 QUOTA_KEY = f"quota-key-{secrets.token_hex(12)}"
@@ -76,7 +81,7 @@ def outputs(settings: Settings, log_dir: Path, metrics_ports: list[int], campaig
     parts = [p.read_text(errors="replace") for p in sorted(log_dir.glob("*.log"))]
     assert parts and all(parts), "no service logs to search"
     for spec in REGISTRY.values():
-        for msg in read_topic(settings.kafka_bootstrap_servers, spec.name(settings), timeout=8):
+        for msg in read_topic(settings, spec.name(settings), timeout=8):
             parts.append((msg.key() or b"").decode(errors="replace"))
             parts.append((msg.value() or b"").decode(errors="replace"))
     for campaign_id in campaign_ids:
@@ -95,7 +100,8 @@ def outputs(settings: Settings, log_dir: Path, metrics_ports: list[int], campaig
     return "\n".join(parts)
 
 
-def test_no_secret_appears_in_any_output(settings: Settings, tmp_path: Path, quota_endpoint: str) -> None:
+def test_no_secret_appears_in_any_output(settings: Settings, tmp_path: Path, quota_endpoint: str,
+                                         secured_kafka: KafkaCluster, kafka_certs: Certificates) -> None:
     password_file = tmp_path / "smtp_password"
     password_file.write_text(SMTP_PASSWORD + "\n")
     auth = PasswordCheck("mailer", SMTP_PASSWORD)
@@ -104,7 +110,8 @@ def test_no_secret_appears_in_any_output(settings: Settings, tmp_path: Path, quo
     tokens = write_token_file(tmp_path / "tokens.json", (API_TOKEN, "test-ops", "ops"),
                               (MANAGER_TOKEN, "manager-7", "manager"))
     secured = dataclasses.replace(
-        settings, smtp_port=smtp.port, smtp_username="mailer", smtp_password_file=str(password_file),
+        secure(settings, secured_kafka, kafka_certs),
+        smtp_port=smtp.port, smtp_username="mailer", smtp_password_file=str(password_file),
         quota_url=quota_endpoint, quota_api_key=QUOTA_KEY, quota_sync_interval=1.0, api_tokens_file=tokens,
     )
     ports = [free_port() for _ in range(3)]
@@ -140,8 +147,9 @@ def test_no_secret_appears_in_any_output(settings: Settings, tmp_path: Path, quo
     assert QUOTA_KEY in QuotaEndpoint.seen_keys
     assert "535" in said or "authentication" in said.lower()  # the failure itself is reported
     for name, secret in (("SMTP password", SMTP_PASSWORD), ("quota API key", QUOTA_KEY),
-                         ("ops API token", API_TOKEN), ("manager API token", MANAGER_TOKEN)):
+                         ("ops API token", API_TOKEN), ("manager API token", MANAGER_TOKEN),
+                         ("Kafka SASL password", KAFKA_PASSWORD)):
         assert secret not in said, f"the {name} appears in the pipeline's output"
     assert len(said) > 10_000  # the search covered real output
-    print(f"\n4 secrets searched in {len(said):,} characters of logs, topics, poll answers, metrics "
+    print(f"\n5 secrets searched in {len(said):,} characters of logs, topics, poll answers, metrics "
           f"and ops output: none found; {len(auth.logins)} logins tried")

@@ -270,6 +270,9 @@ def test_a_deferred_campaign_does_not_hold_up_its_partition(
         wait_until("fast to finish", lambda: view(settings, "fast").get("status") == "completed",
                    services)
         took = time.monotonic() - began
+        # slow's deferrals come on other outcome partitions than fast's last outcomes
+        wait_until("slow to show as deferred",
+                   lambda: view(settings, "slow").get("status") == "deferred", services, timeout=30)
         slow = view(settings, "slow")
     assert slow["status"] == "deferred" and slow["defer_reason"] == "campaign_rate"
     assert sent_to(smtp_server, "slow") == 2

@@ -393,9 +393,10 @@ class FakeProducer:
         pass
 
 
-async def runtime(settings: Settings, producer: FakeProducer, database_url: str) -> SenderRuntime:
+async def runtime(settings: Settings, producer: FakeProducer, database_url: str,
+                  redis_url: str) -> SenderRuntime:
     """A sender runtime on the real SMTP server, Redis (limiter state initialised) and Postgres."""
-    settings = replace(settings, database_url=database_url)
+    settings = replace(settings, database_url=database_url, redis_url=redis_url)
     pools = SmtpPools.from_settings(settings)
     limiter = Limiter.from_settings(settings)
     await limiter.init_epoch()
@@ -404,12 +405,12 @@ async def runtime(settings: Settings, producer: FakeProducer, database_url: str)
 
 
 async def test_runtime_produces_outcome_keyed_by_send_id(
-    smtpd: Callable[..., tuple[Handler, int]], database_url: str,
+    smtpd: Callable[..., tuple[Handler, int]], database_url: str, redis_url: str,
 ) -> None:
     _, port = smtpd()
     settings = make_settings(port, topic_prefix="rt.")
     producer = FakeProducer(fail=1)  # the first delivery fails and is retried
-    rt = await runtime(settings, producer, database_url)
+    rt = await runtime(settings, producer, database_url, redis_url)
     cmd = command()
     try:
         outcome = await rt.handle(
@@ -426,12 +427,12 @@ async def test_runtime_produces_outcome_keyed_by_send_id(
 
 
 async def test_runtime_dead_letters_invalid_commands(
-    smtpd: Callable[..., tuple[Handler, int]], database_url: str,
+    smtpd: Callable[..., tuple[Handler, int]], database_url: str, redis_url: str,
 ) -> None:
     _, port = smtpd()
     settings = make_settings(port)
     producer = FakeProducer()
-    rt = await runtime(settings, producer, database_url)
+    rt = await runtime(settings, producer, database_url, redis_url)
     try:
         result = await rt.handle(
             topic="mailer.send-commands", partition=1, offset=42, key=b"k", value=b"not json"
@@ -452,13 +453,14 @@ async def test_runtime_dead_letters_invalid_commands(
 async def test_runtime_turns_unexpected_errors_into_internal_failures(
     smtpd: Callable[..., tuple[Handler, int]],
     database_url: str,
+    redis_url: str,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     _, port = smtpd()
     settings = make_settings(port)
     producer = FakeProducer()
-    rt = await runtime(settings, producer, database_url)
+    rt = await runtime(settings, producer, database_url, redis_url)
     cmd = command("carol.secret@example.com")
 
     async def broken(command: dict[str, Any], pools: SmtpPools, settings: Settings, rules: Any) -> Any:

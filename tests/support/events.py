@@ -9,13 +9,16 @@ from typing import Any
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from services.pipeline.settings import Settings
+from tests.support.kafka import client_base
+
 
 class StatusEvents:
     """A reader of `mailer.campaign-status` that remembers when each event was seen (wall time)."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str | Settings, topic: str) -> None:
         self.consumer = Consumer({
-            "bootstrap.servers": bootstrap, "group.id": f"test-status-{uuid.uuid4().hex}",
+            **client_base(bootstrap), "group.id": f"test-status-{uuid.uuid4().hex}",
             "auto.offset.reset": "earliest", "enable.auto.commit": False,
         })
         partitions = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions

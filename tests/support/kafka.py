@@ -1,18 +1,33 @@
-"""Reading and writing topics directly in tests (confluent-kafka)."""
+"""Reading and writing topics directly in tests (confluent-kafka).
+
+Every helper takes the broker as `Settings` (its security settings apply, as in the
+services: services/pipeline/kafka_clients.py) or as plain bootstrap servers.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
+from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
 
+from services.pipeline.kafka_clients import client_config
+from services.pipeline.settings import Settings
 
-def read_topic(bootstrap: str, topic: str, *, expect: int | None = None,
+
+def client_base(broker: str | Settings) -> dict[str, Any]:
+    """The pipeline's client configuration for `broker` (settings, or bootstrap servers)."""
+    settings = broker if isinstance(broker, Settings) else replace(Settings(), kafka_bootstrap_servers=broker)
+    return client_config(settings)
+
+
+def read_topic(bootstrap: str | Settings, topic: str, *, expect: int | None = None,
                idle: float = 3.0, timeout: float = 60.0) -> list[Message]:
     """Every message of `topic`: until `expect` arrived, or nothing came for `idle` s."""
     consumer = Consumer({
-        "bootstrap.servers": bootstrap,
+        **client_base(bootstrap),
         "group.id": f"test-reader-{uuid.uuid4().hex}",
         "auto.offset.reset": "earliest",
         "enable.auto.commit": False,
@@ -43,9 +58,10 @@ def read_topic(bootstrap: str, topic: str, *, expect: int | None = None,
     return messages
 
 
-def produce_raw(bootstrap: str, topic: str, items: list[tuple[bytes | None, bytes | None]]) -> None:
+def produce_raw(bootstrap: str | Settings, topic: str,
+                items: list[tuple[bytes | None, bytes | None]]) -> None:
     """Produce (key, value) pairs as they are: for malformed input."""
-    producer = Producer({"bootstrap.servers": bootstrap})
+    producer = Producer(client_base(bootstrap))
     for key, value in items:
         producer.produce(topic, key=key, value=value)
     assert producer.flush(30) == 0

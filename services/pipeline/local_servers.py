@@ -1,8 +1,8 @@
-"""PostgreSQL and Redis servers the tests start for themselves (no URL given, no Docker).
+"""PostgreSQL and Redis servers of our own, for the tests and the benchmarks (no URL given, no Docker).
 
 Contract: `local_postgres()` runs `initdb` into a fresh temporary folder and a
 `postgres` listening only on 127.0.0.1 at a free port (trust authentication,
-no fsync, `max_connections` 300); `local_redis()` runs a `redis-server` on a
+no fsync unless `durable`, `max_connections` 300); `local_redis()` runs a `redis-server` on a
 free loopback port with no persistence and a folder of its own. Each yields a
 `LocalServer` once the server answers queries (`SELECT 1`, `PING`) and stops it
 on exit (Postgres: SIGINT, the fast shutdown of `pg_ctl stop -m fast`; Redis:
@@ -183,8 +183,10 @@ def _postgres_answers(url: str) -> bool:
         return False
 
 
-def start_postgres(max_connections: int = 300) -> LocalServer:
-    """initdb into a new temporary folder and start postgres on it; see the module docstring."""
+def start_postgres(max_connections: int = 300, durable: bool = False) -> LocalServer:
+    """initdb into a new temporary folder and start postgres on it; see the module docstring.
+    `durable`: keep fsync and synchronous commit on (the benchmarks measure what production
+    pays); otherwise durability is traded for speed, as tests want."""
     bindir = postgres_bindir()
     owner = _as_server_user()
     directory = _folder("mailer-test-pg-", owner)
@@ -206,9 +208,9 @@ def start_postgres(max_connections: int = 300) -> LocalServer:
             "listen_addresses": "127.0.0.1", "port": str(port),
             "unix_socket_directories": "",  # TCP only: no socket path, no /var/run/postgresql
             "max_connections": str(max_connections),
-            # a throwaway cluster: durability traded for speed
-            "fsync": "off", "synchronous_commit": "off", "full_page_writes": "off",
         }
+        if not durable:  # a throwaway cluster: durability traded for speed
+            settings |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
         argv = [str(bindir / "postgres"), "-D", str(pgdata)]
         for key, value in settings.items():
             argv += ["-c", f"{key}={value}"]
