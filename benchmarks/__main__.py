@@ -2,7 +2,8 @@
 
 Contract: runs the chosen benchmarks (default: all, in the order planner,
 sender, reconciler, end-to-end) in one `BenchRun` (a fresh broker — tansu, or
-Apache Kafka with `--broker kafka` — and smtp-sink, a fresh Postgres database per benchmark), printing progress, then
+Apache Kafka with `--broker kafka` — and smtp-sink, a fresh Postgres database per
+benchmark), printing progress, then
 one table of every figure with the raw baseline measured in the same run, the
 ratio and the target. Writes the figures to `.bench/<stamp>/results.json`.
 Exit status 0 when every benchmark ran (missed targets are reported, not

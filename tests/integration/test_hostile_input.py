@@ -179,7 +179,9 @@ def test_hostile_messages_on_every_ingress_are_dead_lettered_and_good_mail_flows
     def produce_bad(half: int) -> None:
         for topic, values in bad.items():
             part = values[half::2]
-            key = GOOD.encode() if topic is Topic.CAMPAIGN_COMMANDS else None
+            # Kafka refuses keyless messages on the compacted suppressions topic
+            key = {Topic.CAMPAIGN_COMMANDS: GOOD.encode(),
+                   Topic.SUPPRESSIONS: b"hostile@example.com"}.get(topic)
             produce_raw(bootstrap, topic_name(topic, settings), [(key, v) for v in part])
 
     started = time.monotonic()

@@ -62,6 +62,13 @@ def produce_raw(bootstrap: str | Settings, topic: str,
                 items: list[tuple[bytes | None, bytes | None]]) -> None:
     """Produce (key, value) pairs as they are: for malformed input."""
     producer = Producer(client_base(bootstrap))
+    errors: list[str] = []
+
+    def on_delivery(err: KafkaError | None, msg: Message) -> None:
+        if err is not None:  # e.g. Kafka refuses a keyless message on a compacted topic
+            errors.append(str(err))
+
     for key, value in items:
-        producer.produce(topic, key=key, value=value)
+        producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
     assert producer.flush(30) == 0
+    assert not errors, f"the broker refused {len(errors)} of {len(items)} messages: {errors[:3]}"
