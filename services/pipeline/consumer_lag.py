@@ -106,10 +106,7 @@ def _committed(settings: Settings, service: str, timeout: float) -> list[TopicPa
     three-broker test; confluent-kafka-javascript#374 shows the same stack).
     """
     topics = [spec.name(settings) for spec in REGISTRY.values() if service in spec.consumers]
-    consumer = Consumer({
-        **client_config(settings, reporter=_reporter(settings)),
-        "group.id": settings.app_id(service), "enable.auto.commit": False,
-    })
+    consumer = _group_reader(settings, service)
     try:
         metadata = consumer.list_topics(timeout=timeout).topics
         wanted = [TopicPartition(topic, partition) for topic in topics if topic in metadata
@@ -119,8 +116,16 @@ def _committed(settings: Settings, service: str, timeout: float) -> list[TopicPa
         return [tp for tp in consumer.committed(wanted, timeout=timeout) if tp.offset >= 0]
     except Exception:  # the broker did not answer in time: no partitions this round
         return []
-    finally:
-        consumer.close()
+
+
+@functools.cache
+def _group_reader(settings: Settings, service: str) -> Consumer:
+    """One consumer per group and process, kept for the process's life: the exporter asks every
+    15 s, and three new librdkafka clients each time are threads and memory for nothing."""
+    return Consumer({
+        **client_config(settings, reporter=_reporter(settings)),
+        "group.id": settings.app_id(service), "enable.auto.commit": False,
+    })
 
 
 def _partition_lags(
