@@ -90,8 +90,10 @@ def test_campaign_goes_from_crm_command_to_smtp_and_projections(
     # The CRM hears about the status changes; an unknown campaign is a JSON 404.
     statuses = [orjson.loads(m.value()) for m in read_topic(
         settings.kafka_bootstrap_servers, topic_name(Topic.CAMPAIGN_STATUS, settings), expect=2)]
-    assert [(s["status"], s["counts"]["sent"]) for s in statuses] == [
-        ("sending", 0), ("completed", 999)]
+    assert [s["status"] for s in statuses] == ["sending", "completed"]
+    # the start's event counts what was projected by then: on Apache Kafka the first
+    # outcomes can be applied in the same pass as the start
+    assert 0 <= statuses[0]["counts"]["sent"] < 999 and statuses[1]["counts"]["sent"] == 999
     code, body = get_json(f"http://127.0.0.1:{settings.http_port}/campaigns/nope")
     assert code == 404
     assert body["error"] == "campaign_not_found"
