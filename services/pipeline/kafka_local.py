@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.pipeline.embedded import free_port, log_tail, port_open
+from services.pipeline.embedded import free_port, log_tail, port_open, stop_processes
 
 #: The Apache Kafka version of deploy/kafka/pom.xml and docker-compose.yml's image.
 KAFKA_VERSION = "3.9.0"
@@ -138,17 +138,7 @@ class KafkaCluster:
         if self._stopped:
             return
         self._stopped = True
-        procs = [n.proc for n in self.nodes if n.proc is not None and n.proc.poll() is None]
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes([n.proc for n in self.nodes if n.proc is not None], timeout)
 
     def __enter__(self) -> KafkaCluster:
         return self

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.pipeline.embedded import free_port, log_tail
+from services.pipeline.embedded import free_port, log_tail, redis_answers
 
 INSTALL_HINT = "`make tools` installs it (Debian packages postgresql and redis-server, as root)"
 SERVER_USER = "postgres"  # created by Debian's postgresql-common
@@ -222,15 +222,7 @@ def start_postgres(max_connections: int = 300, durable: bool = False) -> LocalSe
 
 
 def _redis_answers(url: str) -> bool:
-    import redis
-
-    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
+    return redis_answers(url, timeout=1.0)
 
 
 def start_redis() -> LocalServer:
