@@ -329,7 +329,8 @@ class BenchRun:
             conn.execute("CHECKPOINT")
 
     def close(self) -> None:
-        """Stop the services, the sink and the broker; drop the databases."""
+        """Stop the services; drop the databases (while their server still runs); stop the
+        sink, the broker and the servers of our own."""
         stop_processes([s.process for s in self._services], timeout=20.0)
         self._drop_databases()
         while self._stoppers:
@@ -338,7 +339,6 @@ class BenchRun:
                 stopper()
             except Exception as exc:  # keep stopping the rest
                 say(f"could not stop {name}: {exc}")
-        self._drop_databases()
 
     def _drop_databases(self) -> None:
         for database in self._databases:
