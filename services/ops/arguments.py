@@ -1,7 +1,7 @@
 """The arguments of `mailer ops …`, apart from the commands so building the parser stays cheap.
 
 Contract: `add_ops_arguments(parser)` adds one subcommand per on-call command
-(`services.ops.commands` runs them); each takes `--json`.
+(`services.ops.commands` runs them); each takes `--json` (`breaker reset ACCOUNT` too).
 """
 
 from __future__ import annotations
@@ -37,6 +37,18 @@ def add_ops_arguments(parser: argparse.ArgumentParser) -> None:
     reconcile = add("reconcile", "run the reconcile job now (as the reconciler does every 5 minutes)")
     reconcile.add_argument("--dry-run", action="store_true", help="report only, change nothing")
     reconcile.add_argument("--stuck-minutes", type=float, default=30.0, metavar="N")
+    breaker = sub.add_parser(
+        "breaker", help="close an account's circuit breaker by hand (audited)",
+        description="close an account's circuit breaker by hand (audited); it also closes by "
+                    "itself after a half-open probe delivered (MAILER_BREAKER_COOLDOWN)")
+    breaker_sub = breaker.add_subparsers(dest="breaker_command", required=True, metavar="ACTION")
+    reset = breaker_sub.add_parser("reset", help="close ACCOUNT's breaker; the campaigns it paused "
+                                   "send again", description="close ACCOUNT's breaker; the campaigns "
+                                   "it paused send again (the reconciler resumes them)")
+    reset.add_argument("account")
+    reset.add_argument("--actor", required=True, help="who asks (recorded in breaker_audit)")
+    reset.add_argument("--reason", default=None, help="why (audited)")
+    reset.add_argument("--json", action="store_true", help="print JSON instead of text")
     for kind in ("pause", "resume"):
         p = add(kind, f"{kind} a campaign and wait until the reconciler has applied it", campaign=True)
         p.add_argument("--actor", required=True, help="who asks (recorded in the audit log)")

@@ -168,6 +168,32 @@ def _lifecycle(args: argparse.Namespace, settings: Settings) -> int:
     return 1
 
 
+def _breaker(args: argparse.Namespace, settings: Settings) -> int:
+    """`ops breaker reset ACCOUNT`: close the account's circuit breaker (audited in breaker_audit);
+    the reconciler then resumes the campaigns it paused."""
+    from services.pipeline import circuit_breaker
+    from services.pipeline.accounts import load_accounts
+
+    accounts = load_accounts(settings)
+    if accounts.get(args.account) is None:
+        print(f"mailer ops: no account {args.account!r}; configured: {', '.join(sorted(accounts.by_name))}",
+              file=sys.stderr)
+        return 2
+    reason = args.reason or "reset by hand"
+
+    async def work(conn: psycopg.AsyncConnection) -> bool:
+        async with conn.transaction():
+            return await circuit_breaker.reset_account(conn, args.account, args.actor, reason)
+
+    closed = _with_conn(settings, work)
+    line = (f"closed the account breaker of {args.account} (audited: {args.actor}, {reason}); the "
+            "campaigns it paused send again within a release interval" if closed else
+            f"the account breaker of {args.account} is already closed; nothing changed")
+    emit({"account": args.account, "closed": closed, "actor": args.actor, "reason": reason},
+         [line], args.json)
+    return 0
+
+
 def _status(settings: Settings, campaign_id: str) -> str | None:
     with psycopg.connect(settings.database_url) as conn:
         row = conn.execute("SELECT status FROM campaigns WHERE campaign_id = %s", (campaign_id,)).fetchone()
@@ -182,5 +208,5 @@ def _unknown(campaign_id: str) -> int:
 _HANDLERS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "campaign": _campaign, "audit": _audit, "stuck": _stuck, "deferred": _deferred,
     "limiter": _limiter, "lag": _lag, "dead-letters": _dead_letters, "reconcile": _reconcile,
-    "pause": _lifecycle, "resume": _lifecycle,
+    "pause": _lifecycle, "resume": _lifecycle, "breaker": _breaker,
 }

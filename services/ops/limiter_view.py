@@ -2,7 +2,8 @@
 
 Contract: `limiter_state()` reads Redis only with reads (ZCOUNT, GET, HGETALL,
 SCAN, EXISTS): per account the sends in the sliding hour against the hourly
-rate times the adaptive factor and when the next slot frees, today's sends
+rate times the adaptive factor and when the next slot frees, the campaigns
+competing for it (priority, sends wanted: the admission registry), today's sends
 per manager against the daily limit, the warm-up cap, the provider quota and
 when it was synced; plus from Postgres the account's breaker and its parked
 sends by reason. When Redis does not answer, `redis` says so and the Redis
@@ -11,7 +12,8 @@ figures are absent: that is the answer to "is Redis down?".
 
 from __future__ import annotations
 
-from datetime import timedelta
+import contextlib
+from datetime import datetime, timedelta
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -37,7 +39,7 @@ async def limiter_state(
     state: dict[str, Any] = {"redis": "ok", "limiter_state": None, "accounts": []}
     try:
         state["limiter_state"] = "present" if await redis.exists(keys.epoch()) else (
-            "missing: every send is refused until the reconciler restores it from send_log")
+            "missing: every send is refused until the reconciler restores it from the claims")
     except (RedisError, OSError) as exc:
         state["redis"] = f"unreachable ({type(exc).__name__}: {exc})"
     for name in names:
@@ -70,12 +72,21 @@ async def _redis_figures(redis: Redis, keys: LimiterKeys, account: Account, cloc
     async for key in redis.scan_iter(match=keys.daily(account.name, "*", day), count=500):
         manager = _text(key).split(":")[-2]
         daily[manager] = int(await redis.get(key) or 0)
+    competing: list[dict[str, Any]] = []
+    for campaign, value in sorted((await redis.hgetall(keys.demand(account.name))).items()):
+        priority, wants, until = [*_text(value).split("|"), "", "", ""][:3]
+        with contextlib.suppress(ValueError):
+            if float(until) > now and int(wants) > 0:
+                competing.append({"campaign_id": _text(campaign), "priority": int(priority),
+                                  "wants": int(wants)})
+    competing.sort(key=lambda c: (-c["priority"], c["campaign_id"]))
     cap = await redis.get(keys.warmup_cap(account.name))
     quota = await redis.get(keys.quota(account.name))
     info = {_text(k): _text(v) for k, v in (await redis.hgetall(keys.quota_info(account.name))).items()}
     return {
         "hour": {"sent": used, "rate": account.hourly_rate, "factor": factor, "limit": limit,
                  "next_slot_at": _at(clock, frees_at)},
+        "competing": competing,
         "day": {"date": day, "limit_per_manager": account.daily_limit_per_manager, "sent_by_manager": daily},
         "warmup": None if account.warmup is None else {
             "cap": int(cap) if cap else account.warmup.daily_caps[0],
@@ -83,10 +94,20 @@ async def _redis_figures(redis: Redis, keys: LimiterKeys, account: Account, cloc
         },
         "quota": None if account.quota is None else {
             "remaining": None if quota is None else int(float(quota)),
-            "synced_at": _at(clock, float(info["synced_at"])) if "synced_at" in info else None,
+            "synced_at": _synced_at(info.get("synced_at")),
             "provider": {k: v for k, v in info.items() if k != "synced_at"},
         },
     }
+
+
+def _synced_at(value: str | None) -> str | None:
+    """The quota sync's `synced_at` (ISO 8601 clock time, services/reconciler/quota_sync.py)."""
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value).isoformat(timespec="seconds")
+    except ValueError:
+        return None  # written by something else: shown as never synced, never a crash
 
 
 def _text(value: bytes | str) -> str:
@@ -127,6 +148,10 @@ def limiter_lines(state: dict[str, Any]) -> list[str]:
             rate = f"{h['sent']}/{h['limit']} (rate {h['rate']} x factor {h['factor']:g})" if h["rate"] else (
                 f"{h['sent']} (no hourly limit)")
             lines.append(f"  last hour    {rate}   next slot {when(h['next_slot_at'])}")
+            if len(a["competing"]) > 1:
+                lines.append("  sharing      " + ", ".join(
+                    f"{c['campaign_id']} (priority {c['priority']}, wants {c['wants']})"
+                    for c in a["competing"]))
             per = ", ".join(f"{m}={n}" for m, n in sorted(d["sent_by_manager"].items())) or "none yet"
             lines.append(f"  today {d['date']}  limit {d['limit_per_manager'] or 'none'} per manager: {per}")
             if a["warmup"]:

@@ -2,7 +2,10 @@
 
 Contract: `stuck()` lists sending campaigns with recipients waiting and no
 progress for `minutes` that no deferral explains (the reconcile job's
-definition, `reconcile_job.stuck_campaigns`); `deferred()` lists campaigns
+definition, `reconcile_job.stuck_campaigns`), and campaigns (sending or
+awaiting confirmation) still missing declared chunks: at once when a missing
+index was refused (it will not come unless the CRM sends it again), else when
+no chunk came for `minutes`; `deferred()` lists campaigns
 waiting on purpose — deferred with a reason and a time, or paused — with
 their recipients waiting and parked sends. Both read Postgres only.
 """
@@ -23,13 +26,56 @@ async def stuck(conn: AsyncConnection, minutes: float) -> list[dict[str, Any]]:
     """Sending campaigns without progress for `minutes`, no deferral ahead."""
     now = datetime.now(UTC)
     found = await stuck_campaigns(conn, now - timedelta(minutes=minutes), now)
-    return [{"campaign_id": f.campaign_id, "detail": f.detail} for f in found]
+    rows: dict[str, dict[str, Any]] = {
+        f.campaign_id or "": {"campaign_id": f.campaign_id, "detail": f.detail} for f in found}
+    for row in await missing_chunks(conn, now - timedelta(minutes=minutes)):
+        if row["campaign_id"] in rows:
+            rows[row["campaign_id"]]["detail"] += f"; {row['detail']}"
+        else:
+            rows[row["campaign_id"]] = row
+    return [rows[campaign_id] for campaign_id in sorted(rows)]
+
+
+async def missing_chunks(conn: AsyncConnection, before: datetime) -> list[dict[str, Any]]:
+    """Campaigns waiting for declared chunks: a refused one (at once), or none for long."""
+    found = await fetch_dicts(
+        conn,
+        """
+        SELECT c.campaign_id, c.chunks_declared, c.chunks_received,
+               greatest(c.started_at, (SELECT max(received_at) FROM campaign_chunks k
+                                       WHERE k.campaign_id = c.campaign_id)) AS last_chunk_at,
+               (SELECT r.chunk_index FROM refused_chunks r
+                WHERE r.campaign_id = c.campaign_id AND r.chunk_index < c.chunks_declared
+                  AND NOT EXISTS (SELECT 1 FROM campaign_chunks k WHERE k.campaign_id = r.campaign_id
+                                  AND k.chunk_index = r.chunk_index)
+                ORDER BY r.chunk_index LIMIT 1) AS refused_index
+        FROM campaigns c
+        WHERE c.status IN ('sending', 'needs_confirmation') AND c.chunks_received < c.chunks_declared
+        ORDER BY c.campaign_id
+        """,
+    )
+    rows = []
+    for f in found:
+        missing = f["chunks_declared"] - f["chunks_received"]
+        waited = f"waiting for {missing} of {f['chunks_declared']} declared chunks"
+        if f["refused_index"] is not None:
+            reason = await fetch_dicts(
+                conn, "SELECT reason_code, reason FROM refused_chunks WHERE campaign_id = %s"
+                " AND chunk_index = %s", (f["campaign_id"], f["refused_index"]))
+            code, text = (reason[0]["reason_code"], reason[0]["reason"]) if reason else ("", "")
+            rows.append({"campaign_id": f["campaign_id"],
+                         "detail": f"{waited}; chunk {f['refused_index']} was refused ({code}): {text}"})
+        elif f["last_chunk_at"] is not None and f["last_chunk_at"] < before:
+            rows.append({"campaign_id": f["campaign_id"],
+                         "detail": f"{waited}; none arrived since {f['last_chunk_at'].isoformat()}"})
+    return rows
 
 
 def stuck_lines(rows: list[dict[str, Any]], minutes: float) -> list[str]:
     """One line per stuck campaign, or a line saying there is none."""
     if not rows:
-        return [f"no campaign stuck (sending, recipients waiting, no progress for {minutes:g} min)"]
+        return [f"no campaign stuck (sending, recipients waiting, no progress for {minutes:g} min; "
+                "or waiting for a declared chunk that was refused or never came)"]
     return [f"STUCK  {r['campaign_id']}  {r['detail']}" for r in rows]
 
 

@@ -3,7 +3,10 @@
 Contract: `refusal_texts(code, ...)` returns (English, Russian) for a refusal
 or wait code, with its real numbers and, for the hourly throttles, the time a
 new try succeeds; `warning(code, ...)` returns a status-event warning
-`{code, text, text_ru[, starts_at]}`. Unknown codes raise KeyError. Times and
+`{code, text, text_ru[, starts_at]}`. Unknown codes raise KeyError. Besides
+the refusals at start, the catalogue holds the refusals of one chunk
+(`CHUNK_REFUSALS`), of an unreadable start (`invalid_start`) and the poll
+endpoint's `waiting_for_refused_chunk`. Times and
 working windows are written by the deferral catalogue (`reason_texts`).
 """
 
@@ -50,7 +53,59 @@ _REFUSALS: dict[str, tuple[str, str]] = {
         "The campaign has {total} recipients, more than {limit}: confirm it to start sending.",
         "В кампании {total} получателей — больше {limit}. Подтвердите запуск, чтобы начать рассылку.",
     ),
+    "template_invalid": (
+        "The template cannot be used ({problem}). Nothing was sent: fix the template and start "
+        "the campaign again under a new campaign id.",
+        "Шаблон нельзя использовать ({problem}). Ничего не отправлено: исправьте шаблон и "
+        "запустите кампанию снова под новым id.",
+    ),
+    "campaign_id_reused": (
+        "Campaign {campaign} already exists with another start (its template, sender, recipients "
+        "or settings differ). A campaign id names one campaign: start this one under a new id.",
+        "Кампания {campaign} уже существует и была запущена с другими данными (шаблон, "
+        "отправитель, получатели или настройки). Один id — одна кампания: запустите эту под новым id.",
+    ),
+    "invalid_start": (
+        "The start of the campaign cannot be accepted: {problem}. Nothing was sent: fix it and "
+        "publish the start again.",
+        "Запуск кампании не принят: {problem}. Ничего не отправлено: исправьте его и "
+        "опубликуйте запуск снова.",
+    ),
+    "chunk_not_declared": (
+        "Chunk {chunk} was not declared: the start declared {chunks} chunk(s), numbered 0 to {last}. "
+        "Its recipients are not sent.",
+        "Часть {chunk} не была объявлена: при запуске объявлено частей — {chunks}, с номерами "
+        "от 0 до {last}. Её получатели не получат письмо.",
+    ),
+    "recipients_over_declared": (
+        "Chunk {chunk} would bring the campaign to {total} recipients; its start declared {declared}. "
+        "Its recipients are not sent: send the chunk again with the declared recipients, or start "
+        "a new campaign for the others.",
+        "Часть {chunk} довела бы кампанию до {total} получателей, а при запуске объявлено "
+        "{declared}. Её получатели не получат письмо: отправьте часть снова с объявленными "
+        "получателями или запустите для остальных новую кампанию.",
+    ),
+    "chunk_conflict": (
+        "Chunk {chunk} was already received with other recipients; a chunk cannot be replaced. "
+        "Its recipients are not sent.",
+        "Часть {chunk} уже получена с другими получателями; заменить часть нельзя. "
+        "Её получатели не получат письмо.",
+    ),
+    "chunk_invalid": (
+        "Chunk {chunk} cannot be accepted: {problem}. Its recipients are not sent: fix it and "
+        "publish it again.",
+        "Часть {chunk} не принята: {problem}. Её получатели не получат письмо: исправьте её и "
+        "опубликуйте снова.",
+    ),
+    "waiting_for_refused_chunk": (
+        "Waiting for chunk {chunk} of {chunks}, which was refused: {reason}",
+        "Ждём часть {chunk} из {chunks}, она была отклонена: {reason}",
+    ),
 }
+
+#: Refusals of one chunk (the campaign keeps its status; its status event names the chunk).
+CHUNK_REFUSALS = ("chunk_not_declared", "recipients_over_declared", "chunk_conflict", "chunk_invalid",
+                  "recipients_over_limit")
 
 _WARNINGS: dict[str, tuple[str, str]] = {
     "large_campaign": (
@@ -83,7 +138,7 @@ def _both(pair: tuple[str, str], numbers: dict[str, Any], *, at: datetime | None
 
 
 def refusal_texts(code: str, *, when: datetime | None = None, time_zone: str = "UTC",
-                  now: datetime | None = None, **numbers: int) -> tuple[str, str]:
+                  now: datetime | None = None, **numbers: int | str) -> tuple[str, str]:
     """(English, Russian) explanation of refusal or wait `code` with its numbers."""
     return _both(_REFUSALS[code], dict(numbers), at=when, now=now, time_zone=time_zone)
 

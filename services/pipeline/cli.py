@@ -63,7 +63,7 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
         print(f"limiter state not checked, Redis unreachable ({type(exc).__name__}); "
               "the reconciler restores it when Redis answers")
     else:
-        print("limiter state restored from send_log" if restored else "limiter state present")
+        print("limiter state restored from the claims and send_log" if restored else "limiter state present")
     return 0
 
 

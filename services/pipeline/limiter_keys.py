@@ -27,7 +27,7 @@ class LimiterKeys:
         return self._k("rate", account)
 
     def campaign_rate(self, campaign_id: str) -> str:
-        """Sliding-window ZSET of one campaign's sends (its rate override)."""
+        """Sliding-window ZSET of one campaign's sends (its rate override, its fair share)."""
         return self._k("crate", campaign_id)
 
     def domain_rate(self, account: str, group: str) -> str:
@@ -53,6 +53,15 @@ class LimiterKeys:
     def quota_info(self, account: str) -> str:
         """Hash: the provider's last quota answer and when it was synced."""
         return self._k("quota_info", account)
+
+    def demand(self, account: str) -> str:
+        """Hash: campaign id -> "priority|demand|until" of the campaigns competing for the
+        account's window (services/pipeline/limiter_demand.py; the limiter shares by it)."""
+        return self._k("demand", account)
+
+    def campaign_windows(self) -> str:
+        """The prefix of every campaign's window ZSET (`campaign_rate(id)` = this + id)."""
+        return self._k("crate", "")
 
     def adaptive(self, account: str, group: str | None = None) -> str:
         """Adaptive-throttle factor (0 < f <= 1) of the account, or of one domain group."""

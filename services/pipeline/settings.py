@@ -273,8 +273,15 @@ class Settings:
     )
     breaker_threshold: int = setting(
         "MAILER_BREAKER_THRESHOLD", 10,
-        "Consecutive transient SMTP errors that open the circuit breaker of a campaign, or of an "
-        "account (pausing its campaigns) with reason circuit_open.",
+        "Consecutive transient SMTP errors that say the server is in trouble (not replies about one "
+        "mailbox) that open the circuit breaker of a campaign, or of an account (pausing its "
+        "campaigns) with reason circuit_open.",
+    )
+    breaker_cooldown: float = setting(
+        "MAILER_BREAKER_COOLDOWN", 300.0,
+        "Seconds an open account circuit breaker waits before its half-open probe (one send; "
+        "delivered: the breaker closes; another server error: it reopens for twice as long, up "
+        "to 1 h or this value if longer).",
     )
     transient_max_age: float = setting(
         "MAILER_TRANSIENT_MAX_AGE", 86400.0,
@@ -354,6 +361,8 @@ class Settings:
                      "transient_max_attempts", "breaker_threshold"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{env_var(name)} must be at least 1")
+        if self.breaker_cooldown < 0:
+            raise SettingsError("MAILER_BREAKER_COOLDOWN must not be negative")
         self._check_kafka()
 
     def _check_kafka(self) -> None:

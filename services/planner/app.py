@@ -7,9 +7,12 @@ chunk and each admitted `campaign.test_email` is planned by `plan_chunk.plan`.
 The chunks of a campaign that needs confirmation are held in Postgres and
 planned, in order, when a permitted `campaign.confirm` arrives. Other
 lifecycle commands belong to the reconciler and are skipped here. An invalid
-command, a chunk whose campaign was never started or was refused, and a chunk
-that would take its campaign above MAILER_MAX_RECIPIENTS go to the dead-letter
-topic with the reason; the planner goes on.
+command, a start reusing the id of another campaign (`forbidden` for an actor
+who may not act on it, `campaign_id_reused` for other content), a chunk whose
+campaign was never started or was refused, and a chunk `chunks.refusal` refuses
+(an undeclared index, other recipients under a received index, recipients above
+the declared total or MAILER_MAX_RECIPIENTS) go to the dead-letter topic with
+the reason (the reconciler announces them); the planner goes on.
 """
 
 from __future__ import annotations
@@ -24,13 +27,13 @@ from redis.asyncio import Redis
 from services.pipeline import faust_app
 from services.pipeline.accounts import load_accounts
 from services.pipeline.admission import Admissions, permitted
-from services.pipeline.admission_texts import refusal_texts
 from services.pipeline.clock import clock_from_settings
 from services.pipeline.contract import Message
 from services.pipeline.db import open_pool
 from services.pipeline.dead_letters import DeadLetters
 from services.pipeline.ids import test_send_id
 from services.pipeline.ingress import accept, reject
+from services.pipeline.limiter_demand import announce_demand
 from services.pipeline.producer import AsyncProducer
 from services.pipeline.retry import retry_transient
 from services.pipeline.settings import Settings
@@ -113,6 +116,10 @@ class Planner:
             message["account"] = self.accounts.route(message.get("account"), message["manager_id"])
             async with parts.pool.connection() as conn:
                 admitted = await parts.admissions.start(conn, message)
+            if admitted.command_only:  # reuses the id of a campaign it may not change
+                await reject(event, parts.dead_letters, admitted.reason, error_type=admitted.code,
+                             campaign_id=message["campaign_id"])
+                return
             await parts.store.save(message)
             log.info("campaign %s: start recorded (%s)", message["campaign_id"], admitted.decision)
         elif kind == "campaign.recipients":
@@ -155,12 +162,10 @@ class Planner:
             )
             return
         held = decision == "needs_confirmation"
-        limit = self.settings.max_campaign_recipients
-        total = await chunks.record(parts.pool, chunk, held=held, limit=limit)
-        if total > limit:
-            en, _ = refusal_texts("recipients_over_limit", chunk=chunk["chunk_index"], total=total,
-                                  limit=limit)
-            await reject(event, parts.dead_letters, en, error_type="recipients_over_limit",
+        refused = await chunks.record(parts.pool, chunk, definition, held=held,
+                                      limit=self.settings.max_campaign_recipients)
+        if refused is not None:
+            await reject(event, parts.dead_letters, refused.reason, error_type=refused.code,
                          campaign_id=campaign_id)
             return
         if held:
@@ -171,6 +176,7 @@ class Planner:
 
     async def _plan_recipients(self, parts: PlannerParts, definition: dict[str, Any], chunk: Message) -> None:
         campaign_id, recipients = chunk["campaign_id"], chunk["recipients"]
+        await announce_demand(parts.admissions, definition, len(recipients))  # before its first send
         produced = await plan(
             parts.pool, parts.producer, parts.send_topic, definition,
             unique_recipients(campaign_id, recipients),

@@ -15,7 +15,9 @@ restore the limiter's Redis state if lost, release due parked sends, expire
 claims that never finished), the consumer-lag export (every 15 s, for
 /metrics), the reconcile job (every 5 minutes), the provider
 quota sync and the warm-up steps.
-Invalid messages go to the dead-letter topic. Postgres or broker outages are
+Invalid messages go to the dead-letter topic; an invalid start or chunk whose
+campaign id can be read is answered as well (`projections.REJECTED`: a
+`rejected` start, a refused chunk). Postgres or broker outages are
 waited out and retried. The poll endpoint is served on `settings.http_port`.
 """
 
@@ -32,7 +34,7 @@ from aiohttp import web
 
 from services.pipeline import faust_app
 from services.pipeline.accounts import load_accounts
-from services.pipeline.admission import Admissions
+from services.pipeline.admission import Admissions, rejected_command
 from services.pipeline.clock import clock_from_settings
 from services.pipeline.consumer_lag import export, measure
 from services.pipeline.contract import Message
@@ -48,7 +50,7 @@ from services.pipeline.topics import Topic, topic_name
 from services.reconciler import deferrals, projections, status_events, suppressions
 from services.reconciler.campaign_view import CampaignViews
 from services.reconciler.http_api import start_server
-from services.reconciler.limiter_state import restore_if_lost
+from services.reconciler.limiter_state import refresh_demand, restore_if_lost
 from services.reconciler.quota_sync import QuotaSync
 from services.reconciler.reconcile_job import reconcile
 from services.reconciler.release import Releaser
@@ -124,6 +126,7 @@ class Reconciler:
         await self.start()
         assert self.releaser is not None and self.limiter is not None and self.producer is not None
         await restore_if_lost(self.pool, self.limiter, self.accounts, self.clock)
+        await refresh_demand(self.pool, self.limiter, self.accounts, self.clock)
         async with self._write_lock:
             await self.releaser.release_due()
             async with self.pool.connection() as conn, conn.transaction():
@@ -139,7 +142,7 @@ class Reconciler:
         await self.start()
         assert self.producer is not None
         async with self._write_lock, self.pool.connection() as conn, conn.transaction():
-            report = await reconcile(conn, self.status_topic)
+            report = await reconcile(conn, self.status_topic, accounts=self.accounts)
         for finding in report.unrepaired:
             log.warning("reconcile: %s %s: %s", finding.check, finding.campaign_id or "-", finding.detail)
         if report.findings:
@@ -172,13 +175,18 @@ class Reconciler:
             await self.pool.close()
 
     async def accept_batch(self, events: list[Any], topic: Topic) -> list[tuple[Any, Message]]:
-        """(event, message) for the valid events; the others are dead-lettered."""
+        """(event, message) for the valid events; the others are dead-lettered, and a start or
+        chunk among them whose campaign id can be read is answered too (its `REJECTED` entry)."""
         assert self.dead_letters is not None
         accepted = []
         for event in events:
             message = await accept(event, topic, self.dead_letters, self.accounts.command_problem)
             if message is not None:
                 accepted.append((event, message))
+            elif topic is Topic.CAMPAIGN_COMMANDS:
+                rejected = rejected_command(event.value, self.accounts.command_problem)
+                if rejected is not None:
+                    accepted.append((event, projections.rejection_message(rejected)))
         return accepted
 
     async def write_commands(self, batch: list[tuple[Any, Message]]) -> None:
@@ -207,8 +215,8 @@ class Reconciler:
                 refused = await projections.forbidden_change(conn, command)
                 changes += [refused] if refused is not None else await resend(conn, command, self.send_topic)
         changes += await projections.refresh_campaigns(conn, touched)
-        changes += await deferrals.refresh_queue_state(conn, touched)
-        await status_events.record(conn, changes, self.status_topic)
+        changes += await deferrals.refresh_queue_state(conn, touched, self.accounts, self.clock.now())
+        await status_events.record(conn, changes, self.status_topic, recheck=touched)
 
     async def _outcomes_tx(self, conn: Any, outcomes: list[Message]) -> None:
         touched = await projections.apply_outcomes(conn, outcomes)
@@ -218,8 +226,9 @@ class Reconciler:
         touched |= {c.campaign_id for c in changes}
         # apply_outcomes moved the counts by what it changed: no recount (a scan per campaign)
         changes += await projections.refresh_campaigns(conn, touched, recount=False)
-        changes += await deferrals.refresh_queue_state(conn, touched)
-        await status_events.record(conn, changes, self.status_topic)
+        changes += await deferrals.refresh_queue_state(conn, touched, self.accounts, self.clock.now())
+        # outcomes of sends under way when a campaign paused, was cancelled or completed: corrected
+        await status_events.record(conn, changes, self.status_topic, recheck=touched)
 
     async def _write(self, what: str, batch: list[tuple[Any, Message]], tx: Any) -> None:
         """Write a batch in one transaction; if it fails for a reason other than an
@@ -276,7 +285,7 @@ async def queue_gauges(conn: Any) -> None:
     cur = await conn.execute(
         "SELECT coalesce(max(extract(epoch FROM now() - greatest(updated_at, first_sent_at))), 0)"
         " FROM campaigns WHERE status = 'sending' AND pending > 0"
-        " AND NOT (defer_reason <> '' AND coalesce(deferred_until > now(), false))"
+        " AND NOT (defer_reason <> '' AND coalesce(deferred_until > now(), true))"  # null: a quota
     )
     row = await cur.fetchone()
     STALLED_SECONDS.set(max(float(row[0]), 0.0) if row else 0.0)

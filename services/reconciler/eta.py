@@ -17,10 +17,19 @@ out as 100 at 09:00, 100 at 10:00 and 50 at 11:00, finishing at 11:00.
   neither means no rate limit (one block of unlimited tokens: everything goes
   at the first instant all windows are open, still split by the daily limit).
 - Tokens live in blocks `(free_at, count)`. At the start there are
-  `rate - sent_last_hour` tokens free at `max(now, not_before)` and
-  `sent_last_hour` (at most `rate`) free at `now + 1h`: the last hour's sends
-  are assumed to leave the window all at `now + 1h` (conservative, their exact
-  times are unknown), never before `not_before`.
+  `rate - sends in the window` tokens free at `max(now, not_before)`, and each
+  send in the window gives its token back one hour after it was made: the
+  real expiry of the limiter's tokens (`window_sends`, the scores of the
+  account's sliding-window ZSET), so the finish does not move from one poll to
+  the next while nothing changes. The oldest sends beyond `rate` give nothing
+  back (the window holds more than the rate allows now). Without the times,
+  `sent_last_hour` sends are assumed to leave the window all at `now + 1h`.
+  No token is used before `not_before`.
+- Other campaigns on the same account go first: `ahead` sends of theirs
+  (higher priorities' remaining, and for each equal priority as many as this
+  campaign sends, at most its remaining: the fair share) use the account's
+  window too. The finish is the later of this campaign's own simulation and
+  the account's (hourly rate and windows only) for `ahead + remaining` sends.
 - Repeatedly the earliest block is taken. Its send instant `s` is the first
   instant `>= free_at` when every window is open and the manager's daily
   budget of that local day of `time_zone` is left (`daily_limit`, with
@@ -46,7 +55,7 @@ from __future__ import annotations
 import heapq
 from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -93,6 +102,8 @@ class EtaInputs:
     daily_limit: int = 0  # per manager per local day (0 = none)
     sent_today: int = 0  # manager's sends today already
     sent_last_hour: int = 0  # account's sends in the last 60 minutes (they occupy the window)
+    window_sends: Sequence[datetime] = ()  # when each of them was made (exact token expiry)
+    ahead: int = 0  # other campaigns' sends that go before this one's on the account
     quota: int | None = None  # emails_available; None = no quota
     windows: Sequence[WorkingHours] = ()  # all must be open to send
     time_zone: str = "Europe/Moscow"  # for daily boundaries
@@ -105,7 +116,7 @@ class EtaInputs:
             if value is not None and (value.tzinfo is None or value.utcoffset() is None):
                 raise ValueError(f"EtaInputs.{name} must be an aware datetime, got {value!r}")
         for name in ("remaining", "hourly_rate", "campaign_rate", "daily_limit", "sent_today",
-                     "sent_last_hour", "throughput_per_hour"):
+                     "sent_last_hour", "throughput_per_hour", "ahead"):
             if getattr(self, name) < 0:
                 raise ValueError(f"EtaInputs.{name} must not be negative, got {getattr(self, name)}")
 
@@ -244,7 +255,20 @@ def _steady(zones: Sequence[ZoneInfo], a: int, b: int) -> bool:
 
 
 def estimate(inputs: EtaInputs) -> Eta:
-    """Simulate the remaining sends burst by burst and say when the last one goes out."""
+    """Simulate the remaining sends burst by burst and say when the last one goes out; with
+    other campaigns ahead on the account, the later of this campaign's own finish and the
+    account's finish of everything up to this campaign's last send."""
+    own = _estimate(replace(inputs, ahead=0))
+    if inputs.ahead <= 0 or own.finish_at is None or inputs.remaining <= 0:
+        return own
+    account = _estimate(replace(inputs, remaining=inputs.remaining + inputs.ahead, campaign_rate=0,
+                                daily_limit=0, sent_today=0, quota=None, ahead=0))
+    if account.finish_at is None:
+        return account
+    return own if own.finish_at >= account.finish_at else account
+
+
+def _estimate(inputs: EtaInputs) -> Eta:
     now = inputs.now.astimezone(UTC)
     if inputs.remaining <= 0:
         return Eta(now, None)
@@ -275,7 +299,16 @@ def estimate(inputs: EtaInputs) -> Eta:
         blocks.add(opened[0], count)
         return True
 
-    if rate > 0:
+    if rate > 0 and inputs.window_sends:
+        made = sorted(_us(t.astimezone(UTC)) for t in inputs.window_sends
+                      if now_us - _HOUR < _us(t.astimezone(UTC)) <= now_us)
+        returning = made[max(0, len(made) - rate):]  # beyond the rate, the oldest give nothing back
+        if not free(start, rate - len(returning)):
+            return Eta(None, DeferReason.OUTSIDE_HOURS)
+        for at in returning:
+            if not free(max(at + _HOUR, start), 1):
+                return Eta(None, DeferReason.OUTSIDE_HOURS)
+    elif rate > 0:
         in_window = min(inputs.sent_last_hour, rate)
         if not (free(start, rate - in_window) and free(max(now_us + _HOUR, start), in_window)):
             return Eta(None, DeferReason.OUTSIDE_HOURS)

@@ -10,7 +10,11 @@ costs its own size, not its campaign's. The one exception to "terminal never
 moves back": a recipient marked `cancelled` whose send had already gone to
 SMTP takes that send's sent, failed or unknown outcome when it lands. Every
 status change is returned as a `StatusChange`, which the caller records in
-audit_log and announces on the status topic.
+audit_log and announces on the status topic. Chunks follow the planner's rule
+(`services/planner/chunks.refusal`): a refused chunk is recorded in
+`refused_chunks` and announced, its recipients are not projected. A start or
+chunk the ingress refused reaches `apply_commands` as a `REJECTED` entry and is
+answered (a start: `rejected`, kept as a `rejected` campaign when its id is new).
 """
 
 from __future__ import annotations
@@ -25,12 +29,19 @@ from psycopg.types.json import Jsonb
 
 from services.pipeline import circuit_breaker
 from services.pipeline.accounts import Accounts
-from services.pipeline.admission import Admission, Admissions, forbidden_texts, permitted
+from services.pipeline.admission import (
+    Admission,
+    Admissions,
+    RejectedCommand,
+    forbidden_texts,
+    permitted,
+)
 from services.pipeline.admission_texts import refusal_texts
 from services.pipeline.contract import Message
 from services.pipeline.db import CAMPAIGN_LOCK
 from services.pipeline.ids import send_id
 from services.pipeline.metrics import CAMPAIGN_SECONDS
+from services.planner import chunks
 
 TERMINAL = ("sent", "failed", "skipped", "unknown", "cancelled")
 OUTCOME_STATUS = {
@@ -61,6 +72,7 @@ class StatusChange:
     reason_ru: str = ""
     warnings: tuple[dict[str, Any], ...] = ()
     command: str = ""  # the kind of the command a refusal answers, when not the campaign's own change
+    correction: bool = False  # the same status again, with counts that changed after its event
 
 
 async def apply_commands(
@@ -84,9 +96,14 @@ async def apply_commands(
         kind = command["kind"]
         if kind == "campaign.start":
             admitted = Admission("accepted") if admissions is None else await admissions.start(conn, command)
-            changes.extend(await _start(conn, command, accounts, admitted))
+            if admitted.command_only:
+                changes.extend(await _refused_start(conn, command, admitted))
+            else:
+                changes.extend(await _start(conn, command, accounts, admitted))
         elif kind == "campaign.recipients":
             changes.extend(await _chunk(conn, command, max_recipients))
+        elif kind == REJECTED:
+            changes.extend(await _rejected(conn, command["rejected"]))
         elif kind in _TRANSITIONS:
             refused = await forbidden_change(conn, command)
             changes.extend([refused] if refused is not None else await _transition(conn, command))
@@ -104,13 +121,27 @@ async def _start(
     hours = start.get("working_hours")
     status = _ADMITTED_STATUS[admitted.decision]
     reason = admitted.reason or "campaign started"
+    cur = await conn.execute("SELECT status FROM campaigns WHERE campaign_id = %s FOR UPDATE",
+                             (start["campaign_id"],))
+    found = await cur.fetchone()
+    before = None if found is None else str(found[0])
+    if before not in (None, "rejected"):
+        return []  # a replayed start
+    # a start rejected before (unreadable) is replaced by the first valid one with its id
     cur = await conn.execute(
         """
         INSERT INTO campaigns (campaign_id, manager_id, name, account, priority, status, status_reason,
                                total_declared, chunks_declared, started, started_at, queued_at,
                                rate_per_hour, working_hours, deadline, warnings)
         VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, true, %s, %s, %s, %s, %s, %s)
-        ON CONFLICT (campaign_id) DO NOTHING
+        ON CONFLICT (campaign_id) DO UPDATE SET
+            manager_id = EXCLUDED.manager_id, name = EXCLUDED.name, account = EXCLUDED.account,
+            priority = EXCLUDED.priority, status = EXCLUDED.status, status_reason = EXCLUDED.status_reason,
+            total_declared = EXCLUDED.total_declared, chunks_declared = EXCLUDED.chunks_declared,
+            started = true, started_at = EXCLUDED.started_at, queued_at = EXCLUDED.queued_at,
+            rate_per_hour = EXCLUDED.rate_per_hour, working_hours = EXCLUDED.working_hours,
+            deadline = EXCLUDED.deadline, warnings = EXCLUDED.warnings, updated_at = now()
+        WHERE campaigns.status = 'rejected'
         RETURNING campaign_id
         """,
         (
@@ -126,7 +157,7 @@ async def _start(
         return []  # a replayed start
     return [
         StatusChange(
-            campaign_id=start["campaign_id"], before=None, after=status,
+            campaign_id=start["campaign_id"], before=before, after=status,
             actor=start.get("actor_id") or start["manager_id"], action="start",
             reason=reason, source_message_id=start["message_id"],
             event_status="forbidden" if admitted.decision == "forbidden" else "",
@@ -205,21 +236,32 @@ async def _chunk(conn: AsyncConnection, chunk: Message, max_recipients: int = 0)
             f"chunk {chunk['chunk_index']} of campaign {campaign_id!r} arrived but the campaign "
             "was never started"
         )
-    status, before = row[0], int(row[1])
+    status = row[0]
+    if status == "rejected":
+        raise UnknownCampaign(
+            f"chunk {chunk['chunk_index']} of campaign {campaign_id!r} arrived but the campaign's "
+            "start was rejected (its status event says why)"
+        )
     if status == "refused":
         return []  # refused at start, announced then; the planner dead-letters its chunks
-    if max_recipients and before + len(recipients) > max_recipients:
-        en, ru = refusal_texts("recipients_over_limit", chunk=chunk["chunk_index"],
-                               total=before + len(recipients), limit=max_recipients)
-        return [StatusChange(
-            campaign_id=campaign_id, before=status, after=status, actor="system",
-            action="refuse_recipients", reason=en, source_message_id=chunk["message_id"],
-            reason_code="recipients_over_limit", reason_ru=ru, command=chunk["kind"],
-        )]
     cur = await conn.execute(
-        "INSERT INTO campaign_chunks (campaign_id, chunk_index, recipients) VALUES (%s, %s, %s)"
+        "SELECT total_declared, chunks_declared FROM campaigns WHERE campaign_id = %s", (campaign_id,))
+    declared = await cur.fetchone()
+    assert declared is not None
+    cur = await conn.execute(
+        "SELECT chunk_index, recipients, digest FROM campaign_chunks WHERE campaign_id = %s", (campaign_id,))
+    received = {int(r[0]): (int(r[1]), r[2]) for r in await cur.fetchall()}
+    chunk_digest = chunks.digest(recipients)
+    refused = chunks.refusal(chunk["chunk_index"], len(recipients), chunk_digest,
+                             declared_chunks=int(declared[1]), declared_recipients=int(declared[0]),
+                             received=received, limit=max_recipients)
+    if refused is not None:
+        return await _refuse_chunk(conn, campaign_id, status, chunk["chunk_index"], chunk["message_id"],
+                                   refused.code, refused.reason, refused.reason_ru)
+    cur = await conn.execute(
+        "INSERT INTO campaign_chunks (campaign_id, chunk_index, recipients, digest) VALUES (%s, %s, %s, %s)"
         " ON CONFLICT DO NOTHING RETURNING chunk_index",
-        (campaign_id, chunk["chunk_index"], len(recipients)),
+        (campaign_id, chunk["chunk_index"], len(recipients), chunk_digest),
     )
     if await cur.fetchone() is None:
         return []  # a replayed chunk
@@ -248,6 +290,115 @@ async def _chunk(conn: AsyncConnection, chunk: Message, max_recipients: int = 0)
     return []
 
 
+async def _refuse_chunk(conn: AsyncConnection, campaign_id: str, status: str, index: int,
+                        message_id: str | None, code: str, en: str, ru: str) -> list[StatusChange]:
+    """Record a refused chunk (the last refusal of its index) and announce it once per message;
+    the campaign keeps its status."""
+    cur = await conn.execute(
+        """
+        INSERT INTO refused_chunks AS r (campaign_id, chunk_index, reason_code, reason, reason_ru, message_id)
+        VALUES (%s, %s, %s, %s, %s, %s)
+        ON CONFLICT (campaign_id, chunk_index) DO UPDATE SET
+            reason_code = EXCLUDED.reason_code, reason = EXCLUDED.reason, reason_ru = EXCLUDED.reason_ru,
+            message_id = EXCLUDED.message_id, refused_at = now()
+        WHERE r.message_id IS DISTINCT FROM EXCLUDED.message_id OR EXCLUDED.message_id IS NULL
+        RETURNING chunk_index
+        """,
+        (campaign_id, index, code, en, ru, message_id),
+    )
+    if await cur.fetchone() is None:
+        return []  # the same message again: answered once
+    return [StatusChange(
+        campaign_id=campaign_id, before=status, after=status, actor="system",
+        action="refuse_recipients" if code == "recipients_over_limit" else "refuse_chunk", reason=en,
+        source_message_id=message_id, reason_code=code, reason_ru=ru, command="campaign.recipients",
+    )]
+
+
+#: The kind of the reconciler's own record of a start or chunk the ingress refused (its
+#: `rejected` holds the `RejectedCommand`); never on a topic.
+REJECTED = "mailer.rejected_command"
+
+
+def rejection_message(rejected: RejectedCommand) -> Message:
+    """The command batch entry of a start or chunk the ingress refused."""
+    return {"kind": REJECTED, "campaign_id": rejected.campaign_id, "rejected": rejected}
+
+
+async def _rejected(conn: AsyncConnection, rejected: RejectedCommand) -> list[StatusChange]:
+    """Answer a start or chunk that cannot be read, whose campaign id can (R7 of issue 14).
+
+    A start: a `rejected` status event with the reason; a campaign unknown so far is kept as
+    `rejected` (the poll endpoint answers for it) until a valid start with its id arrives; a
+    known campaign keeps its status. A chunk of a known campaign: recorded as refused (the
+    campaign says it waits for it), announced with the campaign's status."""
+    cur = await conn.execute("SELECT status FROM campaigns WHERE campaign_id = %s FOR UPDATE",
+                             (rejected.campaign_id,))
+    row = await cur.fetchone()
+    status = None if row is None else str(row[0])
+    problem = rejected.reason[:1000]
+    if rejected.kind == "campaign.recipients":
+        if status in (None, "rejected", "refused") or rejected.chunk_index is None:
+            return []  # no campaign to wait for it: its dead letters say why
+        en, ru = refusal_texts("chunk_invalid", chunk=rejected.chunk_index, problem=problem)
+        return await _refuse_chunk(conn, rejected.campaign_id, status, rejected.chunk_index,
+                                   rejected.message_id, "chunk_invalid", en, ru)
+    en, ru = refusal_texts("invalid_start", problem=problem)
+    if rejected.message_id is not None:
+        cur = await conn.execute(
+            "SELECT 1 FROM audit_log WHERE campaign_id = %s AND source_message_id = %s"
+            " AND action = 'reject_start'", (rejected.campaign_id, rejected.message_id))
+        if await cur.fetchone() is not None:
+            return []  # the same message again: answered once
+    if status is None:
+        await conn.execute(
+            "INSERT INTO campaigns (campaign_id, manager_id, status, status_reason)"
+            " VALUES (%s, %s, 'rejected', %s)",
+            (rejected.campaign_id, rejected.manager_id, en),
+        )
+    elif status == "rejected":
+        await conn.execute(
+            "UPDATE campaigns SET status_reason = %s, updated_at = now() WHERE campaign_id = %s",
+            (en, rejected.campaign_id),
+        )
+    if status in (None, "rejected"):
+        await conn.execute(
+            """
+            INSERT INTO rejected_starts (campaign_id, reason_code, reason, reason_ru) VALUES (%s, %s, %s, %s)
+            ON CONFLICT (campaign_id) DO UPDATE SET reason_code = EXCLUDED.reason_code,
+                reason = EXCLUDED.reason, reason_ru = EXCLUDED.reason_ru, rejected_at = now()
+            """,
+            (rejected.campaign_id, "invalid_start", en, ru),
+        )
+    return [StatusChange(
+        campaign_id=rejected.campaign_id, before=status, after=status or "rejected",
+        actor=rejected.actor_id or rejected.manager_id or "system", action="reject_start", reason=en,
+        source_message_id=rejected.message_id, event_status="rejected", reason_code="invalid_start",
+        reason_ru=ru, command="campaign.start",
+    )]
+
+
+async def _refused_start(conn: AsyncConnection, start: Message, admitted: Admission) -> list[StatusChange]:
+    """Answer a start that reuses the id of a campaign it may not change (`forbidden`, or
+    `campaign_id_reused`): audited and announced once per message; nothing else changes."""
+    forbidden = admitted.decision == "forbidden"
+    action = "forbidden_start" if forbidden else "refuse_start"
+    cur = await conn.execute(
+        "SELECT 1 FROM audit_log WHERE campaign_id = %s AND source_message_id = %s AND action = %s",
+        (start["campaign_id"], start["message_id"], action))
+    if await cur.fetchone() is not None:
+        return []  # the same message again: answered once
+    cur = await conn.execute("SELECT status FROM campaigns WHERE campaign_id = %s", (start["campaign_id"],))
+    row = await cur.fetchone()
+    status = None if row is None else str(row[0])
+    return [StatusChange(
+        campaign_id=start["campaign_id"], before=status, after=status or "rejected", actor=start["actor_id"],
+        action=action, reason=admitted.reason, source_message_id=start["message_id"],
+        event_status="forbidden" if forbidden else "rejected", reason_code=admitted.code,
+        reason_ru=admitted.reason_ru, command=start["kind"],
+    )]
+
+
 # kind → (action, statuses it applies to, status it leads to)
 _TRANSITIONS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "campaign.pause": ("pause", ("sending",), "paused"),
@@ -269,14 +420,16 @@ async def _transition(conn: AsyncConnection, command: Message) -> list[StatusCha
             "UPDATE command_admissions SET decision = 'accepted' WHERE admission_key = %s"
             " AND decision = 'needs_confirmation'", (f"start:{command['campaign_id']}",),
         )
-    if change is not None and action == "resume":
-        await circuit_breaker.reset(conn, command["campaign_id"])
-        # what the pause or the SMTP trouble held back goes first, not after its backoff
-        await conn.execute(
-            "UPDATE parked_sends SET due_at = least(due_at, %s) WHERE campaign_id = %s"
-            " AND released_at IS NULL AND reason IN ('campaign_paused', 'circuit_open', 'transient_error')",
-            (command["occurred_at"], command["campaign_id"]),
-        )
+    if change is not None and action in ("resume", "cancel"):
+        from services.reconciler import deferrals  # it builds on this module's StatusChange
+
+        if action == "resume":
+            await circuit_breaker.reset(conn, command["campaign_id"])
+            # what the pause held goes now; a retry keeps the server's backoff (issue 14, 11)
+            await deferrals.release_hold(conn, command["campaign_id"], command["occurred_at"])
+        else:  # what only this campaign held ends with it (issue 14, defect 12)
+            await circuit_breaker.release_campaign(conn, command["campaign_id"], command["actor_id"])
+            await deferrals.end_parked(conn, command["campaign_id"])
     return [] if change is None else [change]
 
 

@@ -160,6 +160,7 @@ _STATUSES: dict[str, dict[Language, str]] = {
     "completed": {"ru": "Рассылка завершена", "en": "Completed"},
     "needs_confirmation": {"ru": "Ждёт подтверждения", "en": "Awaiting confirmation"},
     "refused": {"ru": "Кампания отклонена", "en": "Refused"},
+    "rejected": {"ru": "Запуск не принят", "en": "Start rejected"},
 }
 
 
@@ -318,3 +319,34 @@ def status_text(status: str, lang: Language, *, reason: str = "") -> str:
     if reason in {r.value for r in DeferReason}:
         reason = reason_label(reason, lang)
     return f"{text}: {reason}"
+
+
+_RESUMED: dict[Language, str] = {
+    "ru": "Ожидание окончено ({label}): рассылка снова идёт.",
+    "en": "The wait is over ({label}): sending again.",
+}
+_CORRECTED: dict[Language, str] = {
+    "ru": "Счётчики уточнены: письма, которые уже отправлялись в момент события «{status}»,"
+          " получили результат.",
+    "en": "Counts brought up to date: emails already on their way at the \u201c{status}\u201d event"
+          " have their results.",
+}
+
+
+def resumed_text(reason: DeferReason | str, lang: Language) -> str:
+    """The manager's text when a deferral for `reason` is over and the campaign sends again."""
+    return _RESUMED[_check_language(lang)].format(label=reason_label(reason, lang))
+
+
+def correction_text(status: str, lang: Language) -> str:
+    """The manager's text of a corrected status event: the counts changed after it, not the status."""
+    lang = _check_language(lang)
+    names = _STATUSES.get(status)
+    if names is None:
+        raise ValueError(f"unknown campaign status {status!r} (known: {', '.join(_STATUSES)})")
+    return _CORRECTED[lang].format(status=names[lang])
+
+
+def correction_texts(status: str) -> tuple[str, str]:
+    """(English, Russian) of `correction_text`, as a status event carries them."""
+    return correction_text(status, "en"), correction_text(status, "ru")

@@ -8,7 +8,8 @@ repairing run would, and changes nothing. The checks:
 
 - `stuck`: a sending campaign with recipients waiting whose latest progress
   (its send_log, `updated_at`, `first_sent_at`) is older than `stuck_after`,
-  and that is not deferred to a time still ahead: reported only.
+  and that is not deferred to a time still ahead (or to a quota top-up, which
+  has no time): reported only.
 - `send_log`: a recipient pending, deferred or cancelled whose send_log holds
   a sent, failed or unknown outcome recorded after the recipient last changed
   (the outcome was logged, the recipient's update lost): set to the latest
@@ -26,6 +27,15 @@ repairing run would, and changes nothing. The checks:
 - `queue_state`: `defer_reason` / `deferred_until` disagree with the parked
   sends (what `deferrals.refresh_queue_state` would set): brought up to date
   by it.
+- `announced`: a paused, cancelled or completed campaign whose last
+  `campaign.status` event (`status_announcements`) holds other counts or
+  another status than the projections (an outcome that landed after the event
+  without its correction): a correction event is queued with the counts as the
+  run leaves them (`status_events.record`, `correction: true`; a plain event
+  of its status when even the status differs). Sending campaigns are not
+  compared: their counts move with every outcome and their last event comes
+  with their completion; nor is a completed campaign with recipients waiting
+  (`completion` reports it, and its status is in question).
 
 Every campaign a repair touched is refreshed too (counts, completion, queue
 state), so a repair's consequences land in the same run. The status changes
@@ -50,6 +60,7 @@ import psycopg
 from confluent_kafka import KafkaException
 from psycopg import AsyncConnection
 
+from services.pipeline.accounts import Accounts, load_accounts
 from services.pipeline.db import open_pool
 from services.pipeline.producer import AsyncProducer, DeliveryError
 from services.pipeline.settings import Settings
@@ -60,7 +71,7 @@ from services.reconciler.projections import StatusChange
 from services.reconciler.status_events import COUNT_FIELDS
 
 #: Every check, in the order its findings are listed.
-CHECKS = ("stuck", "send_log", "terminal", "counts", "completion", "queue_state")
+CHECKS = ("stuck", "send_log", "terminal", "counts", "completion", "queue_state", "announced")
 #: Addresses named in one finding.
 EXAMPLES = 5
 
@@ -122,6 +133,7 @@ class Report:
 async def reconcile(
     conn: AsyncConnection, status_topic: str, *, repair: bool = True,
     stuck_after: timedelta = timedelta(minutes=30), now: datetime | None = None,
+    accounts: Accounts | None = None,
 ) -> Report:
     """Check every invariant; repair what is safe when `repair`; report everything found."""
     now = now or datetime.now(UTC)
@@ -131,6 +143,7 @@ async def reconcile(
     unlogged = await _unlogged(conn)
     campaigns = await _campaign_rows(conn)
     queue = await _queue_state(conn)
+    stale = await _stale_announcements(conn, campaigns)
 
     fixed: set[UUID] = set()
     cancelled: set[str] = set()
@@ -144,13 +157,17 @@ async def reconcile(
         refresh = {row[1] for row in lost} | cancelled | {
             c["campaign_id"] for c in campaigns if _counts_off(c) or _ready(c)}
         changes = await projections.refresh_campaigns(conn, refresh)
-        changes += await deferrals.refresh_queue_state(conn, refresh | {cid for cid, _ in queue})
-        await status_events.record(conn, changes, status_topic)
+        changes += await deferrals.refresh_queue_state(conn, refresh | {cid for cid, _ in queue},
+                                                       accounts, now)
+        # every campaign whose counts or status a repair moved, and those announced stale
+        recheck = refresh | {cid for cid, _ in stale}
+        changes += await status_events.record(conn, changes, status_topic, recheck=recheck)
 
     findings += _send_log_findings(lost, fixed, unlogged)
     completed = {c.campaign_id for c in changes if c.action == "complete"}
     findings += _campaign_findings(campaigns, repair, cancelled, completed)
     findings += [Finding("queue_state", cid, detail, repair) for cid, detail in queue]
+    findings += [Finding("announced", cid, detail, repair) for cid, detail in stale]
     return Report(findings, changes)
 
 
@@ -215,7 +232,7 @@ async def stuck_campaigns(conn: AsyncConnection, before: datetime, now: datetime
                            WHERE s.campaign_id = c.campaign_id AND NOT s.is_test) l ON true
         WHERE c.status = 'sending' AND w.waiting > 0
           AND greatest(c.updated_at, c.first_sent_at, l.last_at) < %(before)s
-          AND NOT (c.defer_reason <> '' AND coalesce(c.deferred_until > %(now)s, false))
+          AND NOT (c.defer_reason <> '' AND coalesce(c.deferred_until > %(now)s, true))
         ORDER BY c.campaign_id
         """,
         {"before": before, "now": now},
@@ -318,9 +335,36 @@ async def _queue_state(conn: AsyncConnection) -> list[tuple[str, str]]:
         elif reason is not None:
             wrong.append((campaign_id, f"shows {shown} but its earliest parked send waits for "
                           f"{reason}{_until(due_at)}"))
+        elif old in deferrals.HELD:
+            wrong.append((campaign_id, f"sending but shows {shown}: what a pause held is no deferral"))
         else:
             wrong.append((campaign_id, f"shows {shown} but nothing is parked and no recipient is deferred"))
     return wrong
+
+
+async def _stale_announcements(
+    conn: AsyncConnection, campaigns: list[dict[str, Any]]
+) -> list[tuple[str, str]]:
+    """(campaign, what differs) for each settled campaign whose last status event does not
+    hold its status and its recipients' counts."""
+    last = await status_events.last_announced(conn)
+    stale = []
+    for c in campaigns:
+        said = last.get(c["campaign_id"])
+        actual = c["actual"]
+        if said is None or c["status"] not in status_events.SETTLED:
+            continue
+        if c["status"] == "completed" and actual["pending"]:
+            continue  # its status is in question (`completion`, report only): nothing to announce
+        if (said.status, said.counts) == (c["status"], actual):
+            continue
+        differ = [k for k in COUNT_FIELDS if said.counts[k] != actual[k]]
+        stale.append((c["campaign_id"], (
+            f"last status event (sequence {said.sequence}) says {said.status} "
+            + " ".join(f"{k}={said.counts[k]}" for k in differ)
+            + f", projections say {c['status']} " + " ".join(f"{k}={actual[k]}" for k in differ)
+        ).rstrip()))
+    return stale
 
 
 async def _take_logged_outcomes(conn: AsyncConnection, lost: list[tuple[Any, ...]]) -> set[UUID]:
@@ -388,7 +432,7 @@ async def reconcile_command(args: argparse.Namespace, settings: Settings) -> int
     async with await psycopg.AsyncConnection.connect(settings.database_url) as conn, conn.transaction():
         report = await reconcile(
             conn, topic_name(Topic.CAMPAIGN_STATUS, settings), repair=not args.dry_run,
-            stuck_after=timedelta(minutes=args.stuck_minutes),
+            stuck_after=timedelta(minutes=args.stuck_minutes), accounts=load_accounts(settings),
         )
     print(report.to_json() if args.json else "\n".join(report.lines()))
     if report.changes:

@@ -14,14 +14,18 @@ time and reason, so the campaign's queue state says what it really waits for.
 Sends released lately whose outcome has not come back are taken off the
 capacity (the limiter may not have counted them yet); a send released beyond
 it anyway is refused by the limiter and parked again, so the limits stay
-exact either way. Returns how many sends were released; never sleeps.
+exact either way. Open circuit breakers hold back what they cover: nothing of a
+campaign whose breaker is open, nothing of an account whose breaker is open,
+and one send (its probe) of an account whose breaker is half-open; each pass
+first resumes the campaigns a breaker paused once their breakers let sends
+through again (`resume_held`). Returns how many sends were released; never sleeps.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -29,12 +33,14 @@ import orjson
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from services.pipeline import circuit_breaker
 from services.pipeline.accounts import Accounts
 from services.pipeline.clock import Clock
 from services.pipeline.contract import new_message_id
 from services.pipeline.producer import AsyncProducer
 from services.reconciler import status_events
 from services.reconciler.deferrals import refresh_queue_state
+from services.reconciler.projections import StatusChange, change_status
 from services.sender.rate_limit import Capacity, Limiter, LimitRequest
 from services.sender.send_gate import limit_request, parked_until, sending_windows
 
@@ -88,22 +94,30 @@ class Releaser:
             row = await cur.fetchone()
             if row is None or not row[0]:
                 return 0
+            resumed = await resume_held(conn)
+            held_accounts, held_campaigns = await circuit_breaker.held_back(conn)
             by_account: dict[str, list[_Due]] = defaultdict(list)
-            everything_due = await self._due(conn, now)
+            everything_due = [d for d in await self._due(conn, now)  # what an open breaker holds
+                              if d.campaign_id not in held_campaigns
+                              and held_accounts.get(d.account, True)]
             for due in everything_due:
                 by_account[due.account].append(due)
             competing = {d.campaign_id for d in everything_due}  # who stops competing is forgotten
             self.served = {c: n for c, n in self.served.items() if c in competing}
             for account, dues in by_account.items():
                 in_flight = await self._in_flight(conn, account, now)
+                if account in held_accounts and any(in_flight.values()):
+                    continue  # half-open, and its probe is on its way already
                 shares, blocked = await self._shares(account, dues, in_flight)
+                if account in held_accounts:  # half-open: its probe is the one send
+                    shares = self._probe_only(shares)
                 for due, n in shares:
                     released += await self._release(conn, due.campaign_id, n, now)
                     touched.add(due.campaign_id)
                 for due, capacity in blocked:
                     await self._redate(conn, due, capacity, now)
                     touched.add(due.campaign_id)
-            changes = await refresh_queue_state(conn, touched)
+            changes = resumed + await refresh_queue_state(conn, touched, self.accounts, now)
             await status_events.record(conn, changes, self.status_topic)
         if released:
             log.info("released %d parked sends of %d campaigns", released, len(touched))
@@ -137,7 +151,7 @@ class Releaser:
         request = limit_request(account, due.sample, self.clock.time())
         if account_only:  # the limits every campaign of the account shares
             return LimitRequest(**{**request.__dict__, "daily_limit": 0, "campaign_rate": 0,
-                                   "domain_group": None, "domain_rate": 0})
+                                   "domain_group": None, "domain_rate": 0, "priority": None})
         return LimitRequest(**{**request.__dict__, "domain_group": None, "domain_rate": 0})
 
     async def _in_flight(self, conn: AsyncConnection, account: str, now: datetime) -> dict[str, int]:
@@ -187,6 +201,15 @@ class Releaser:
                     tier.remove(due)
         return [(d, grants[d.campaign_id]) for d in dues if grants[d.campaign_id] > 0], blocked
 
+    def _probe_only(self, shares: list[tuple[_Due, int]]) -> list[tuple[_Due, int]]:
+        """One send of the first share: the half-open account breaker's probe."""
+        if not shares:
+            return []
+        first, n = shares[0]
+        for due, granted in [(first, n - 1), *shares[1:]]:
+            self.served[due.campaign_id] -= granted  # not served after all
+        return [(first, 1)]
+
     def _join(self, tier: list[_Due]) -> None:
         """Campaigns new to the contention start level with the least served one there,
         so equal priorities share from now on; nobody catches up on the past."""
@@ -234,3 +257,29 @@ class Releaser:
             " WHERE campaign_id = %s AND released_at IS NULL AND due_at <= %s",
             (wait.reason.value, wait.until, due.campaign_id, now),
         )
+
+
+#: The texts of a campaign a breaker paused that sends again (English, Russian).
+_RESUMED = {
+    "closed": ("circuit breaker closed: sending again",
+               "Предохранитель закрыт: отправка продолжается"),
+    "half_open": ("circuit breaker half-open after its cool-down: one probe send first, the rest "
+                  "once it is delivered",
+                  "Пауза предохранителя истекла: сначала одна пробная отправка, остальные — "
+                  "когда она будет доставлена"),
+}
+
+
+async def resume_held(conn: AsyncConnection) -> list[StatusChange]:
+    """Resume the campaigns a circuit breaker paused (not a manager) once the breakers that
+    paused them let sends through again: closed (a probe delivered, a cancel, `ops breaker
+    reset`) or half-open (the account's probe may go). Issue 14, defect 12."""
+    changes = []
+    for campaign_id, state in await circuit_breaker.held_campaigns(conn):
+        en, ru = _RESUMED[state]
+        action = "breaker_closed" if state == "closed" else "breaker_probe"
+        change = await change_status(conn, campaign_id, action, ("paused",), "sending",
+                                     reason=en, actor="system")
+        if change is not None:
+            changes.append(replace(change, reason_ru=ru))
+    return changes

@@ -6,7 +6,10 @@ each record it either dead-letters it (not a valid `send.email`) or passes it
 through the `SendGate` (working hours, then the shared Redis limiter): a send
 the gate refuses becomes `outcome.deferred` carrying the command (the
 reconciler parks it and brings it back when due; the agent never sleeps), an
-admitted one is sent with `send_one`. A failed send gives its tokens back; a
+admitted one is sent with `send_one`. The send's claim
+(services/sender/claims.py) is taken before the gate: a redelivered command
+repeats the first outcome and never touches the limiter (no second token, no
+refund of the first). A failed send gives its tokens back; a
 4xx becomes a deferred retry while attempts remain, and a "slow down" reply
 cuts the account's adaptive rate. The outcome goes to `mailer.send-outcomes`
 keyed by send_id, stamped with the (possibly compressed) clock's time.
@@ -23,6 +26,7 @@ when the app stops (`on_before_shutdown`, after the consumer has drained).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -32,7 +36,7 @@ from typing import Any
 
 import faust
 
-from services.pipeline import faust_app
+from services.pipeline import circuit_breaker, faust_app
 from services.pipeline.accounts import load_accounts
 from services.pipeline.clock import clock_from_settings
 from services.pipeline.contract import InvalidMessage, Message, decode, encode, iso
@@ -45,7 +49,7 @@ from services.pipeline.redaction import mask_email
 from services.pipeline.retry import retry_transient
 from services.pipeline.settings import Settings
 from services.pipeline.topics import Topic, topic_name
-from services.sender.claims import ClaimResult, Claims, Refusal
+from services.sender.claims import Claim, ClaimResult, Claims, Refusal
 from services.sender.deferral import account_stopped, parked_outcome, refused_outcome, retry_later
 from services.sender.rate_limit import Limiter
 from services.sender.send_gate import Admitted, Parked, SendGate
@@ -83,6 +87,7 @@ class SenderRuntime:
         self.settings = settings
         self.clock = clock_from_settings(settings)
         self.reply_rules = ReplyRules.from_settings(settings)
+        circuit_breaker.configure(self.reply_rules, settings.breaker_cooldown)  # what counts (R10)
         self._gate = gate
         self._claims = claims
         self._claims_lock = asyncio.Lock()
@@ -165,37 +170,78 @@ class SenderRuntime:
     async def _send(
         self, command: Message, gate: SendGate, claims: Claims, pools: SmtpPools, started: float
     ) -> Message:
-        """Admit, claim, send and account for one command; return its outcome."""
-        admission = await gate.admit(command)
-        if isinstance(admission, Parked):
-            return self._stamped(
-                parked_outcome(command, self.settings, admission.reason, admission.until, started)
-            )
-        request = admission.request
+        """Claim, admit, send and account for one command; return its outcome.
+
+        The claim comes before the gate: a command its claim refuses (a redelivered
+        one above all) never touches the limiter, so repeating a finished send's
+        outcome can neither take a second token nor give back the first, and a send
+        reserves a token only once it knows it may go to SMTP. A send the gate parks
+        gives its claim back (nothing went to SMTP). Once claimed, whatever happens
+        ends in the claim's result: an unexpected error is recorded as the internal
+        failure it publishes, so the stale-claim sweep never adds a second outcome."""
         async with claims.hold(command) as claim:
             if isinstance(claim, Refusal):
-                if request is not None:
-                    await gate.limiter.refund(request)
                 if claim.outcome is not None:  # this send was done: say again what happened
                     return decode(claim.outcome, Topic.SEND_OUTCOMES)
                 return self._stamped(
                     refused_outcome(command, self.settings, claim, self.clock.now(), started)
                 )
             try:
-                outcome = await send_one(command, pools, self.settings, self.reply_rules)
+                return await self._claimed(command, gate, claim, pools, started)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # before the payload went out (send_one's contract)
-                if request is not None:
-                    await gate.limiter.refund(request)
-                outcome = self._internal_failure(command, exc, started)
-            else:
-                outcome = self._stamped(
-                    await self._account_for(command, gate, admission, outcome, started)
-                )
-            await claim.finish(CLAIM_RESULT[outcome["kind"]], outcome, encode(outcome),
-                               self.settings.breaker_threshold)
+            except Exception as exc:
+                return await self._finish(
+                    claim, command, self._internal_failure(command, exc, started), started)
+
+    async def _claimed(
+        self, command: Message, gate: SendGate, claim: Claim, pools: SmtpPools, started: float
+    ) -> Message:
+        """Admit and send a claimed command; record its result in the claim."""
+        try:
+            admission = await gate.admit(command)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(claim.release())
+            raise
+        if isinstance(admission, Parked):
+            await claim.release()
+            return self._stamped(
+                parked_outcome(command, self.settings, admission.reason, admission.until, started)
+            )
+        request = admission.request
+        try:
+            outcome = await send_one(command, pools, self.settings, self.reply_rules)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # before the payload went out (send_one's contract)
+            if request is not None:
+                await _logged(gate.limiter.refund(request), "refunding a send's tokens")
+            outcome = self._internal_failure(command, exc, started)
+        else:
+            try:
+                outcome = await self._account_for(command, gate, admission, outcome, started)
+            except Exception as exc:  # SMTP's answer stands; only the accounting is lost
+                log.warning("could not account for send %s: %s", command["send_id"],
+                            type(exc).__name__)
+            outcome = self._stamped(outcome)
+        return await self._finish(claim, command, outcome, started)
+
+    async def _finish(self, claim: Claim, command: Message, outcome: Message, started: float) -> Message:
+        """Record the claim's result, then the outcome to publish: this one, or the one the
+        stale-claim sweep gave the send first (never both)."""
+        superseded = await claim.finish(CLAIM_RESULT[outcome["kind"]], outcome, encode(outcome),
+                                         self.settings.breaker_threshold)
+        if superseded is None:
             return outcome
+        log.warning("claim %s/%s was settled before its result could be recorded; repeating "
+                    "that outcome instead of %s", command["send_id"], command["attempt"],
+                    outcome["kind"])
+        if superseded.outcome is not None:
+            return decode(superseded.outcome, Topic.SEND_OUTCOMES)
+        return self._stamped(refused_outcome(
+            command, self.settings, Refusal("duplicate", "the claim was settled before"),
+            self.clock.now(), started))
 
     def _stamped(self, outcome: Message) -> Message:
         """The outcome with its time on this service's clock."""
@@ -276,6 +322,14 @@ def _log_outcome(outcome: Message) -> None:
     message = {"sent": "sent", "deferred": "deferred: {defer_reason} until {deferred_until}"}.get(
         kind, "{kind}: {reason}").format(kind=kind, reason=outcome.get("reason", ""), **fields)
     log_event(log, f"send.{kind}", message, **fields)
+
+
+async def _logged(work: Awaitable[None], what: str) -> None:
+    """Await `work`; an error is logged, not raised (the outcome matters more)."""
+    try:
+        await work
+    except Exception as exc:
+        log.warning("%s failed: %s", what, type(exc).__name__)
 
 
 async def _until_delivered(what: str, attempt: Callable[[], Awaitable[None]]) -> None:

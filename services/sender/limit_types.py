@@ -34,6 +34,7 @@ class LimitRequest:
     warmup_cap: int = 0  # daily cap while warming up when the warm-up job set none; 0: no warm-up
     quota_enforced: bool = False  # the account has a provider quota
     now: float = 0.0  # clock time of the decision
+    priority: int | None = None  # the campaign's priority: admission by priority and fair share
 
 
 @dataclass(frozen=True)

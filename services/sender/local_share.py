@@ -5,7 +5,8 @@ Contract: `LocalShare` checks the same limits as the Lua script, each cut to
 that frees up last. Factors, quotas and warm-up caps are the last values Redis
 answered (`observe`); an enforced quota never seen is refused as unknown.
 `drain()` hands over the grants made here (to be recorded in Redis) and forgets
-every local window and counter.
+every local window and counter. Priorities and fair shares are not applied
+here (they need the shared registry): only the limits are.
 """
 
 from __future__ import annotations

@@ -13,6 +13,14 @@ boundary, and RFC 2047 words for non-ASCII text); otherwise an
 `email.message.EmailMessage` (policy SMTP), which aiosmtplib's `send_message`
 sends with SMTPUTF8. An address the email package cannot represent raises
 `MessageError(reason)`.
+
+Internationalised domains (RFC 5891): `smtp_address(addr)` is the address as it
+goes on the wire, its domain converted to IDNA A-labels (UTS #46 mapping,
+non-transitional), e.g. `ivan@пример.рф` → `ivan@xn--e1afmkfd.xn--p1ai`. Every
+address of the message (envelope and From/To/Reply-To headers) is written
+that way, so an ASCII local part at a Unicode domain is plain ASCII and needs
+no SMTPUTF8; only a non-ASCII local part does (`needs_smtputf8`). A domain
+that is not a valid IDN raises `MessageError`.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime
 from typing import Any
+
+import idna
 
 from services.pipeline.ids import message_id_header
 from services.pipeline.settings import Settings
@@ -42,6 +52,36 @@ class MessageError(ValueError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def smtp_address(addr: str) -> str:
+    """`addr` with its domain as IDNA A-labels (RFC 5891); the local part as it is."""
+    local, at, domain = addr.rpartition("@")
+    if not at or domain.isascii():
+        return addr
+    try:
+        ace = idna.encode(domain, uts46=True, transitional=False).decode("ascii")
+    except (idna.IDNAError, UnicodeError, ValueError):
+        raise MessageError("the address's domain is not a valid internationalised domain name") \
+            from None
+    return f"{local}@{ace}"
+
+
+def needs_smtputf8(addr: str) -> bool:
+    """Whether `addr` can only be sent with SMTPUTF8 (RFC 6531): a non-ASCII local part."""
+    return not addr.rpartition("@")[0].isascii()
+
+
+def _on_the_wire(command: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The command with every address's domain in A-labels (the same object when none changes)."""
+    changed: dict[str, Any] = {}
+    for field in ("from", "recipient", "reply_to"):
+        address = command.get(field)
+        if address and address.get("email"):
+            wire = smtp_address(address["email"])
+            if wire != address["email"]:
+                changed[field] = {**address, "email": wire}
+    return {**command, **changed} if changed else command
 
 
 def mailbox(address: Mapping[str, Any], field: str) -> Address:
@@ -64,6 +104,7 @@ def build_message(
     """The email of one `send.email` command with its rendered parts."""
     date = format_datetime(datetime.now(UTC))
     message_id = message_id_header(command["send_id"], settings.message_id_domain)
+    command = _on_the_wire(command)
     raw = raw_message(command, rendered, date, message_id)
     return raw if raw is not None else email_message(command, rendered, date, message_id)
 

@@ -9,12 +9,22 @@
 -- reserve / capacity
 --   KEYS: 1 epoch, 2 account rate ZSET, 3 account factor, 4 campaign rate ZSET,
 --         5 domain rate ZSET, 6 domain factor, 7 daily counter, 8 warm-up counter,
---         9 warm-up cap, 10 quota, 11 token record
+--         9 warm-up cap, 10 quota, 11 token record, 12 the account's demand registry (HASH)
 --   ARGV: 1 mode, 2 token, 3 now, 4 window, 5 account rate, 6 campaign rate,
 --         7 domain rate (0: none), 8 daily limit, 9 default warm-up cap, 10 quota enforced (0/1),
---         11 next local midnight, 12 retry seconds, 13 key TTL (s), 14 expected epoch (record only)
+--         11 next local midnight, 12 retry seconds, 13 key TTL (s), 14 expected epoch (record only),
+--         15 the campaign's priority ('' : no share rule), 16 campaign id,
+--         17 the campaign windows' key prefix (`{prefix}:crate:`; + campaign id = its window ZSET)
 --   reserve  -> {granted 0/1, reason, retry_at, factor, quota seen, warm-up cap, domain factor, epoch}
 --   capacity -> {available, reason, retry_at} (read-only; domain throttles not counted)
+--   Admission by priority and fair share (ARGV[15] set, account rate > 0): the registry holds,
+--   per campaign competing for the account, "priority|demand|until" (demand: sends it still
+--   wants; until: clock time the entry holds without being refreshed). A campaign gets nothing
+--   while a live entry of higher priority has demand; within its priority the window (what the
+--   tier used in it plus what is left) is shared max-min fairly: each campaign up to its use
+--   plus demand, equal parts otherwise, so a share nobody uses flows to the others. A refusal
+--   by share is `rate_per_hour`, due after retry seconds. Every granted send counts in its
+--   campaign's window ZSET and takes one from its registry demand.
 --   record   -> takes like a granted reserve without checking (replays grants made during an
 --               outage) when the epoch still equals ARGV[14]; 1 when it took, 0 otherwise
 -- refund   KEYS: 1 token record            -> 1 when something was given back, 0 for an unknown token
@@ -26,6 +36,9 @@
 --          ARGV: mode, lock token, now, window, key TTL, lock ms, placeholder key, then 3 per entry:
 --          token, at, day TTL (0: the day is over)
 --          -> entries restored, -1 epoch exists already, -2 the lock is not ours
+--          A restored token record carries r=1: a placeholder. A reserve of that token (its send
+--          was claimed but not yet granted when Redis lost its state) gives it back and decides
+--          afresh; any other token record makes a reserve grant again without taking.
 -- finish   KEYS: 1 epoch, 2 lock; ARGV: mode, lock token, epoch value
 --          -> 1 epoch set, 0 epoch existed already, -2 the lock is not ours
 -- unlock   KEYS: 1 lock; ARGV: mode, lock token -> 1 when the lock was ours and is gone
@@ -72,6 +85,94 @@ local function counter(key)
   return tonumber(redis.call('GET', key)) or 0
 end
 
+-- Gives back what the token record `tok` says `token` took; 1 when there was a record.
+local function give_back(tok, token)
+  local rec = redis.call('HGETALL', tok)
+  if #rec == 0 then
+    return 0
+  end
+  for i = 1, #rec, 2 do
+    local field, key = rec[i], rec[i + 1]
+    local kind = string.sub(field, 1, 1)
+    if kind == 'z' then
+      redis.call('ZREM', key, token)
+    elseif kind == 'c' then
+      if counter(key) > 0 then redis.call('DECR', key) end
+    elseif field == 'q' then
+      if redis.call('EXISTS', key) == 1 then redis.call('INCRBYFLOAT', key, 1) end
+    end
+  end
+  redis.call('DEL', tok)
+  return 1
+end
+
+local function parse_entry(value)
+  local p, d, u = string.match(value or '', '^(%-?%d+)|(%-?%d+)|(.+)$')
+  if p == nil then return nil end
+  return tonumber(p), tonumber(d), tonumber(u)
+end
+
+-- How many more sends the campaign's priority and fair share allow in this window (nil: no
+-- share rule applies). See the header.
+local function share_left(l)
+  if l.prio == nil or l.arate <= 0 then return nil end
+  local reg = redis.call('HGETALL', KEYS[12])
+  local low = '(' .. fmt(l.now - l.window)
+  local tier = {}
+  local own_demand = BIG
+  for i = 1, #reg, 2 do
+    local cid = reg[i]
+    local p, d, u = parse_entry(reg[i + 1])
+    if p ~= nil and d > 0 and u > l.now then
+      if cid == l.campaign then
+        own_demand = d
+      elseif p > l.prio then
+        return 0
+      elseif p == l.prio then
+        tier[#tier + 1] = {cid, d}
+      end
+    end
+  end
+  if #tier == 0 then return nil end
+  local mine = redis.call('ZCOUNT', KEYS[4], low, '+inf')
+  local limit = scaled(l.arate, l.factor)
+  local pool = limit - redis.call('ZCOUNT', KEYS[2], low, '+inf') + mine
+  local wants = {mine + own_demand}
+  for _, peer in ipairs(tier) do
+    local used = redis.call('ZCOUNT', l.crate_prefix .. peer[1], low, '+inf')
+    pool = pool + used
+    wants[#wants + 1] = used + peer[2]
+  end
+  -- max-min fair split of the pool (water-filling): who wants less than an equal part gets
+  -- what it wants, the others share the rest equally
+  local own_want = wants[1]
+  table.sort(wants)
+  local members, rest, level = #wants, pool, nil
+  for _, want in ipairs(wants) do
+    if want * members <= rest then
+      rest = rest - want
+      members = members - 1
+    else
+      level = rest / members
+      break
+    end
+  end
+  if level == nil then return own_want - mine end
+  return math.min(own_want, math.ceil(level - EPS)) - mine
+end
+
+-- One send of the campaign granted: one less in its registry demand.
+local function spend(l)
+  if l.prio == nil then return end
+  local p, d, u = parse_entry(redis.call('HGET', KEYS[12], l.campaign))
+  if p == nil then return end
+  if d <= 1 then
+    redis.call('HDEL', KEYS[12], l.campaign)
+  else
+    redis.call('HSET', KEYS[12], l.campaign, p .. '|' .. (d - 1) .. '|' .. fmt(u))
+  end
+end
+
 -- Takes one send for ARGV[2] on every applicable limit and writes the token record.
 local function take(l)
   local rec = {}
@@ -94,7 +195,7 @@ local function take(l)
     rec[#rec + 1] = KEYS[10]
   end
   if l.arate > 0 then add(KEYS[2], 'za') end
-  if l.crate > 0 then add(KEYS[4], 'zc') end
+  if l.crate > 0 or l.prio ~= nil then add(KEYS[4], 'zc') end
   if l.drate > 0 then add(KEYS[5], 'zd') end
   if l.daily > 0 then incr(KEYS[7], 'cd') end
   if l.warm > 0 then incr(KEYS[8], 'cw') end
@@ -102,6 +203,7 @@ local function take(l)
   rec[#rec + 1] = fmt(l.now)
   redis.call('HSET', KEYS[11], unpack(rec))
   redis.call('EXPIRE', KEYS[11], l.ttl)
+  spend(l)
 end
 
 local function limits()
@@ -110,7 +212,9 @@ local function limits()
     crate = tonumber(ARGV[6]), drate = tonumber(ARGV[7]), daily = tonumber(ARGV[8]),
     warm = tonumber(ARGV[9]), quota_enforced = ARGV[10] == '1', next_day = tonumber(ARGV[11]),
     retry = tonumber(ARGV[12]), ttl = tonumber(ARGV[13]),
+    prio = tonumber(ARGV[15] or ''), campaign = ARGV[16] or '', crate_prefix = ARGV[17] or '',
   }
+  if KEYS[12] == nil then l.prio = nil end
   l.day_ttl = math.max(1, math.ceil(l.next_day - l.now + 86400))
   l.factor = factor_of(KEYS[3])
   l.dfactor = 1
@@ -133,6 +237,12 @@ local function check(l, prune, each)
   if l.crate > 0 then
     local count, at = window_state(KEYS[4], l.crate, l.now, l.window, prune)
     each(l.crate - count, 'campaign_rate', at)
+  elseif prune and l.prio ~= nil then
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', fmt(l.now - l.window))
+  end
+  local share = share_left(l)
+  if share ~= nil then
+    each(share, 'rate_per_hour', share <= 0 and (l.now + l.retry) or nil)
   end
   if l.drate > 0 and prune then
     local limit = scaled(l.drate, l.dfactor)
@@ -167,8 +277,13 @@ if mode == 'reserve' or mode == 'capacity' then
     return {0, 'limiter_unavailable', fmt(l.now + l.retry), fmt(l.factor), '', '', '1', ''}
   end
   if mode == 'reserve' and redis.call('EXISTS', KEYS[11]) == 1 then
-    -- this token was granted already (a retried call): grant again, take nothing more
-    return {1, '', '', fmt(l.factor), l.quota and fmt(l.quota) or '', fmt(l.cap), fmt(l.dfactor), epoch}
+    if redis.call('HGET', KEYS[11], 'r') == '1' then
+      -- a placeholder the rebuild wrote for a claim not yet granted: decide afresh
+      give_back(KEYS[11], ARGV[2])
+    else
+      -- this token was granted already (a retried call): grant again, take nothing more
+      return {1, '', '', fmt(l.factor), l.quota and fmt(l.quota) or '', fmt(l.cap), fmt(l.dfactor), epoch}
+    end
   end
   local reason, retry_at = nil, nil
   local available = BIG
@@ -202,24 +317,7 @@ if mode == 'record' then
 end
 
 if mode == 'refund' then
-  local rec = redis.call('HGETALL', KEYS[1])
-  if #rec == 0 then
-    return 0
-  end
-  local token = ARGV[2]
-  for i = 1, #rec, 2 do
-    local field, key = rec[i], rec[i + 1]
-    local kind = string.sub(field, 1, 1)
-    if kind == 'z' then
-      redis.call('ZREM', key, token)
-    elseif kind == 'c' then
-      if counter(key) > 0 then redis.call('DECR', key) end
-    elseif field == 'q' then
-      if redis.call('EXISTS', key) == 1 then redis.call('INCRBYFLOAT', key, 1) end
-    end
-  end
-  redis.call('DEL', KEYS[1])
-  return 1
+  return give_back(KEYS[1], ARGV[2])
 end
 
 if mode == 'feedback' then
@@ -277,6 +375,8 @@ if mode == 'restore' then
       if #rec > 0 then
         rec[#rec + 1] = 'at'
         rec[#rec + 1] = fmt(at)
+        rec[#rec + 1] = 'r'
+        rec[#rec + 1] = '1'
         redis.call('HSET', tok, unpack(rec))
         redis.call('EXPIRE', tok, math.max(ttl, day_ttl))
         restored = restored + 1

@@ -1,13 +1,17 @@
 """The shared sending limiter: one Lua script in Redis decides for every sender process.
 
 Contract: `Limiter.reserve(req)` checks every limit of one send (account hourly
-rate scaled by the adaptive factor, campaign override, domain throttle,
+rate scaled by the adaptive factor, the campaign's share of it by priority and
+fair share when `req.priority` is set (the registry of
+services/pipeline/limiter_demand.py), campaign override, domain throttle,
 manager's daily limit, warm-up cap, provider quota) in one atomic EVALSHA and
 takes from all of them or from none. A refusal names the limit that frees up
 last and when (`Decision.retry_at`, clock seconds). Times are always the
 caller's clock (`req.now`), never Redis TIME. `refund(req)` gives back exactly
 what `reserve` took for `req.token_id`, once; reserving a token that was
-granted already grants again and takes nothing more (a retried call).
+granted already grants again and takes nothing more (a retried call), except a
+token `restore()` wrote (a placeholder for a claimed send): that one is given
+back and decided afresh.
 
 While the epoch key is missing (Redis lost its state) every send is refused
 with `limiter_unavailable` until `restore()` rebuilt the windows and counters.
@@ -207,7 +211,7 @@ class Limiter:
         """Give back what `reserve` took for `req.token_id`; a second refund does nothing."""
         if self.local.refund(req.token_id):
             return
-        keys = [token_key(self.keys, req.token_id), *self._request_keys(req)[:-1]]
+        keys = [token_key(self.keys, req.token_id), *self._request_keys(req)[:-2]]
         try:
             if self._skip_redis():
                 raise RedisConnectionError("Redis unreachable (waiting to try again)")
@@ -321,6 +325,7 @@ class Limiter:
             k.warmup_cap(req.account),
             k.quota(req.account),
             token_key(k, req.token_id),
+            k.demand(req.account),
         ]
 
     def _request_args(self, mode: str, req: LimitRequest) -> list[Any]:
@@ -328,6 +333,8 @@ class Limiter:
             mode, req.token_id, req.now, self.window, req.account_rate, req.campaign_rate,
             req.domain_rate if req.domain_group else 0, req.daily_limit, req.warmup_cap,
             1 if req.quota_enforced else 0, req.next_day_at, self.retry_seconds, self._ttl, self._epoch,
+            "" if req.priority is None else int(req.priority), req.campaign_id,
+            self.keys.campaign_windows(),
         ]
 
     def _decision(self, req: LimitRequest, reply: list[Any]) -> Decision:

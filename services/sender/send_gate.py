@@ -110,4 +110,5 @@ def limit_request(account: Account, command: dict[str, Any], now: float) -> Limi
         warmup_cap=account.warmup.daily_caps[0] if account.warmup else 0,
         quota_enforced=account.quota is not None,
         now=now,
+        priority=int(command.get("priority", 5)),
     )

@@ -11,6 +11,9 @@ email through the account's SMTP pool and returns exactly one outcome message
   retries it), or `auth` when the account is refused;
 - a template that does not render → `outcome.failed`, `template_error`;
 - an address the message cannot carry → `outcome.failed`, `invalid_address`;
+- a Unicode domain goes out as IDNA A-labels (services/sender/message.py), so
+  only a non-ASCII local part needs SMTPUTF8: when the server does not offer it
+  → `outcome.failed`, `not_supported`, with a reason that says so (no reply);
 - an account with no pool → `outcome.failed`, `unknown_account`;
 - no connection, a TLS or AUTH failure, a lost connection or a timeout before
   the payload went out → `outcome.failed`, `connection` / `tls` / `auth` /
@@ -36,7 +39,7 @@ import aiosmtplib
 from services.pipeline.contract import Message, envelope
 from services.pipeline.ids import message_id_header
 from services.pipeline.settings import Settings
-from services.sender.message import MessageError, build_message
+from services.sender.message import MessageError, build_message, needs_smtputf8, smtp_address
 from services.sender.raw_message import RawMessage
 from services.sender.render import TemplateError, render_command
 from services.sender.smtp_pool import PooledSMTP, SmtpConnectError, SmtpPools, UnknownAccount
@@ -133,6 +136,8 @@ async def send_one(
         return outcomes.failed("template_error", exc.reason)
     try:
         message = build_message(command, rendered, settings)
+        sender = smtp_address(command["from"]["email"])
+        recipient = smtp_address(command["recipient"]["email"])
     except MessageError as exc:
         return outcomes.failed("invalid_address", exc.reason)
     try:
@@ -142,12 +147,13 @@ async def send_one(
             "unknown_account", f"no SMTP account {command['account']!r} is configured"
         )
 
-    sender = command["from"]["email"]
-    recipient = command["recipient"]["email"]
     lent: PooledSMTP | None = None
     try:
         async with pool.connection() as conn:
             lent = conn
+            if (needs_smtputf8(sender) or needs_smtputf8(recipient)) \
+                    and not conn.supports_extension("smtputf8"):
+                return outcomes.failed("not_supported", _smtputf8_missing(sender, recipient))
             try:
                 if isinstance(message, RawMessage):
                     await conn.sendmail(sender, [recipient], message.data)
@@ -186,6 +192,13 @@ async def send_one(
             # aiosmtplib refuses addresses that are unsafe on an SMTP command line
             return outcomes.failed("invalid_address", "address cannot be sent over SMTP")
         raise
+
+
+def _smtputf8_missing(sender: str, recipient: str) -> str:
+    """Why a message needing SMTPUTF8 cannot go to a server that does not offer it."""
+    whose = "recipient's" if needs_smtputf8(recipient) else "sender's"
+    return (f"the {whose} mailbox name (the part before @) is not ASCII: it can only be sent "
+            "with the SMTPUTF8 extension (RFC 6531), which this SMTP server does not offer")
 
 
 def _step(exc: aiosmtplib.SMTPResponseException) -> str:

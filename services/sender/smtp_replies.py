@@ -16,6 +16,14 @@ Contract:
   raises `ReplyRulesError` naming the rule and field of any mistake.
 - `classify_error(error_class)` maps a transport failure (`connection`,
   `timeout`, `tls`, `auth`, see smtp_pool.py) to the same classes.
+- Each rule also says whether a reply it matches counts towards the circuit
+  breakers (`ReplyRule.breaker`, issue 14 defect 10): only what says the
+  server or the connection is in trouble counts (421, 4.3.x system states,
+  4.7.x and other throttling, 451/452/454 without a mailbox status, no reply
+  at all, and every connection failure, timeout or TLS failure); a reply
+  about one recipient's mailbox (450, 4.1.x addresses, 4.2.x mailbox states,
+  greylisting) does not. `ReplyRules.counts_for_breaker(code, reply)` is that
+  verdict; `breaker_table()` is the default table as docs/GUARANTEES.md shows it.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from services.pipeline.settings import Settings
@@ -108,6 +116,10 @@ class ReplyRule:
     text: re.Pattern[str] | None = None
     hard_bounce: bool = False
     retry_after: float | None = None
+    #: Whether a transient reply this rule matches counts towards the campaign's and the
+    #: account's circuit breakers: True when it says the server or the connection is in
+    #: trouble, False when it is about one recipient (its mailbox, its address, greylisting).
+    breaker: bool = True
 
     def __post_init__(self) -> None:
         def fail(field: str, problem: str) -> ReplyRulesError:
@@ -148,6 +160,10 @@ class Classification:
     #: Seconds to wait before the retry, from the reply text or else the rule; None when
     #: neither names one, and always None for permanent replies.
     retry_after: float | None
+    #: Whether the reply counts towards the circuit breakers (see `ReplyRule.breaker`);
+    #: always False for permanent replies (they neither count nor reset). Not compared:
+    #: two classifications are equal when they decide the same retry.
+    breaker: bool = field(default=True, compare=False)
 
 
 def _text(pattern: str) -> re.Pattern[str]:
@@ -157,6 +173,8 @@ def _text(pattern: str) -> re.Pattern[str]:
 _5XX = code_set("5xx")
 _4XX = code_set("4xx")
 _REJECTED_RECIPIENT = frozenset({550, 551, 553})
+#: The 4xx codes a reply about one recipient comes with (421 always means the whole server).
+_RECIPIENT_4XX = frozenset({450, 451, 452})
 
 #: The default table, most specific first (RFC 5321 section 4.2, RFC 3463, RFC 4954, RFC 7505).
 DEFAULT_RULES: tuple[ReplyRule, ...] = (
@@ -193,13 +211,18 @@ DEFAULT_RULES: tuple[ReplyRule, ...] = (
     ReplyRule("policy_rejected", "permanent", _5XX, enhanced="5.7"),
     ReplyRule("policy_rejected", "permanent", _5XX, text=_text(r"spam|policy|block ?list|blacklist|blocked")),
     ReplyRule("permanent_5xx", "permanent", _5XX),
-    # 4xx: greylisting and throttling first, then each code RFC 5321 names, then the rest.
-    ReplyRule("greylisted", "transient", _4XX, text=_text(r"grey ?list|gray ?list")),
+    # 4xx: greylisting and throttling first, then the enhanced codes about one recipient,
+    # then each code RFC 5321 names, then the rest. `breaker=False`: the reply is about one
+    # recipient (its mailbox, its address), not the server (issue 14, defect 10).
+    ReplyRule("greylisted", "transient", _4XX, text=_text(r"grey ?list|gray ?list"), breaker=False),
     ReplyRule("slow_down", "transient", _4XX, enhanced="4.7"),
     ReplyRule("slow_down", "transient", _4XX, enhanced="4.4.5"),
+    ReplyRule("system_state", "transient", code_set(450), enhanced="4.3"),
+    ReplyRule("mailbox_state", "transient", _RECIPIENT_4XX, enhanced="4.2", breaker=False),
+    ReplyRule("address_state", "transient", _RECIPIENT_4XX, enhanced="4.1", breaker=False),
     ReplyRule("slow_down", "transient", _4XX, text=_SLOW_TEXT),
     ReplyRule("service_unavailable", "transient", code_set(421)),
-    ReplyRule("mailbox_busy", "transient", code_set(450)),
+    ReplyRule("mailbox_busy", "transient", code_set(450), breaker=False),
     ReplyRule("local_error", "transient", code_set(451)),
     ReplyRule("insufficient_storage", "transient", code_set(452)),
     ReplyRule("tls_unavailable", "transient", code_set(454)),
@@ -236,7 +259,9 @@ class ReplyRules:
         The file is a list of objects with the fields of `ReplyRule`: `name` and
         `reply_class` required; `codes` a list of codes (550) or families ("5xx");
         `enhanced` a prefix ("5.1", "4.7.1"); `text` a regular expression searched
-        case-insensitively; `hard_bounce` a boolean; `retry_after` seconds.
+        case-insensitively; `hard_bounce` a boolean; `retry_after` seconds; `breaker` a
+        boolean, false for a reply about one recipient (it then never counts towards the
+        circuit breakers; default true).
         Raises `ReplyRulesError` naming the file, the rule's index and the field.
         """
         try:
@@ -265,8 +290,18 @@ class ReplyRules:
         enhanced = _enhanced_parts(found.group(1)) if found else None
         for rule in self.rules:
             if rule.matches(code, enhanced, reply):
-                return _classification(rule.name, rule.reply_class, rule.hard_bounce, rule.retry_after, reply)
+                return _classification(rule.name, rule.reply_class, rule.hard_bounce, rule.retry_after,
+                                       reply, rule.breaker)
         return _classification("unclassified", "transient", False, None, reply)
+
+    def counts_for_breaker(self, code: int | None, reply: str) -> bool:
+        """Whether a transient reply counts towards the circuit breakers: True when it says the
+        server or the connection is in trouble, False when it is about one recipient. No reply
+        code at all (the connection failed or dropped) always counts."""
+        if code is None:
+            return True
+        verdict = self.classify(code, reply)
+        return verdict.reply_class != "permanent" and verdict.breaker
 
     def classify_error(self, error_class: str) -> Classification:
         """The class of a transport failure: connection, timeout and tls are transient, auth stops
@@ -276,17 +311,49 @@ class ReplyRules:
 
 
 def _classification(
-    name: str, reply_class: ReplyClass, hard_bounce: bool, rule_delay: float | None, reply: str
+    name: str, reply_class: ReplyClass, hard_bounce: bool, rule_delay: float | None, reply: str,
+    breaker: bool = True,
 ) -> Classification:
     if reply_class == "permanent":
-        return Classification(reply_class, name, hard_bounce, None)
+        return Classification(reply_class, name, hard_bounce, None, breaker=False)
     asked = retry_after(reply)
-    return Classification(reply_class, name, hard_bounce, asked if asked is not None else rule_delay)
+    return Classification(reply_class, name, hard_bounce, asked if asked is not None else rule_delay,
+                          breaker=breaker)
+
+
+def breaker_table(rules: Sequence[ReplyRule] = DEFAULT_RULES) -> str:
+    """The transient rules as a Markdown table: what each matches and whether it counts towards
+    the circuit breakers (docs/GUARANTEES.md holds the default table; a unit test compares)."""
+    lines = [
+        "| Rule | Reply code | Enhanced code | Text | Counts towards the breakers |",
+        "|---|---|---|---|---|",
+    ]
+    for rule in rules:
+        if rule.reply_class != "transient":
+            continue
+        codes = _codes_text(rule.codes)
+        text = f"`{rule.text.pattern}`" if rule.text is not None else "any"
+        enhanced = "any" if not rule.enhanced else (
+            rule.enhanced if rule.enhanced.count(".") == 2 else f"{rule.enhanced}.x")
+        counts = "yes (the server)" if rule.breaker else "no (one recipient)"
+        text = text.replace("|", "\\|")  # a pipe inside a cell
+        lines.append(f"| `{rule.name}` | {codes} | {enhanced} | {text} | {counts} |")
+    lines.append("| connection failure, timeout, TLS failure, no reply code | - | - | - | yes (the server) |")
+    return "\n".join(lines)
+
+
+def _codes_text(codes: frozenset[int]) -> str:
+    if not codes:
+        return "any"
+    for family in range(1, 6):
+        if codes == code_set(f"{family}xx"):
+            return f"{family}xx"
+    return ", ".join(str(code) for code in sorted(codes))
 
 
 # --- reading rules from configuration ---------------------------------------------------------
 
-_FIELDS = ("name", "reply_class", "codes", "enhanced", "text", "hard_bounce", "retry_after")
+_FIELDS = ("name", "reply_class", "codes", "enhanced", "text", "hard_bounce", "retry_after", "breaker")
 
 
 def parse_rules(data: Any) -> list[ReplyRule]:
@@ -336,10 +403,13 @@ def _parse_rule(index: int, entry: Any) -> ReplyRule:
     delay = entry.get("retry_after")
     if delay is not None and (isinstance(delay, bool) or not isinstance(delay, int | float)):
         raise fail("retry_after", f"seconds, a number >= 0; got {delay!r}")
+    breaker = entry.get("breaker", True)
+    if not isinstance(breaker, bool):
+        raise fail("breaker", f"true (the reply says the server is in trouble) or false; got {breaker!r}")
     try:
         return ReplyRule(
             name, reply_class, rule_codes, enhanced, pattern, hard_bounce,
-            None if delay is None else float(delay),
+            None if delay is None else float(delay), breaker,
         )
     except ReplyRulesError as exc:
         raise ReplyRulesError(f"{where}: {exc}") from None

@@ -223,7 +223,8 @@ async def test_queue_state_follows_the_earliest_parked_send(database_url: str, s
         "q1", "sending", "deferred", "system", "defer")
     assert change.announce
     assert (change.defer_reason, change.deferred_until) == ("rate_per_hour", T + minutes(10))
-    assert change.reason.startswith("rate_per_hour until ")
+    assert change.reason.startswith("Reached the hourly sending limit.")  # the manager's texts (D17)
+    assert change.reason_ru.startswith("Достигнут часовой лимит отправки.")
     assert queue_state(sql, "q1") == ("rate_per_hour", T + minutes(10))
     [(entered,)] = sql("SELECT deferred_at FROM campaigns")
     assert entered is not None
@@ -245,37 +246,43 @@ async def test_queue_state_follows_the_earliest_parked_send(database_url: str, s
     assert queue_state(sql, "q1") == ("outside_hours", T + minutes(15))
     assert sql("SELECT deferred_at FROM campaigns") == [(entered,)]  # still the same deferral
 
-    # back to the first (reason, until): audited, but announced once only (R20)
+    # back to the first reason: the CRM last read outside_hours, so it is told (issue 14)
     await park(database_url, [
         deferred("q1", people[1], DeferReason.RATE_PER_HOUR, T + minutes(10), at=T + minutes(3))])
     [change] = await refresh(database_url, ["q1"])
     assert (change.before, change.after, change.defer_reason, change.deferred_until, change.announce) == (
-        "deferred", "deferred", "rate_per_hour", T + minutes(10), False)
+        "deferred", "deferred", "rate_per_hour", T + minutes(10), True)
     assert queue_state(sql, "q1") == ("rate_per_hour", T + minutes(10))
-    assert sql("SELECT reason, until FROM status_notifications ORDER BY notified_at, reason") == [
-        ("rate_per_hour", T + minutes(10)), ("outside_hours", T + minutes(15))]
     assert sql("SELECT action, before_status, after_status FROM audit_log ORDER BY id") == [
         ("start", None, "sending"), ("defer", "sending", "deferred"),
         ("defer", "deferred", "deferred"), ("defer", "deferred", "deferred")]
-    assert sql("SELECT count(*) FROM outbox") == [(3,)]  # start and the two first notices
+    assert sql("SELECT count(*) FROM outbox") == [(4,)]  # start and the three deferrals
+    # the same deferral once more (as a replay would decide it): announced once only
+    async with transaction(database_url) as conn:
+        await status_events.record(conn, [change], STATUS_TOPIC)
+    assert sql("SELECT count(*) FROM outbox") == [(4,)]
 
     # released: the sends are on their way, the recipients still wait; the state stands
     write(sql, "UPDATE parked_sends SET released_at = %s", T + minutes(30))
     assert await refresh(database_url, ["q1"]) == []
     assert queue_state(sql, "q1") == ("rate_per_hour", T + minutes(10))
 
-    # they landed: nobody waits any more, the deferral is over (audited, not announced)
+    # they landed: nobody waits any more, the deferral is over: announced, deferred -> sending (D17)
     async with transaction(database_url) as conn:
         await projections.apply_outcomes(conn, [
             outcome("outcome.sent", "q1", p["email"], 250, "Ok", attempt=1) for p in people[:2]])
     [change] = await refresh(database_url, ["q1"])
     assert (change.before, change.after, change.action, change.announce) == (
-        "deferred", "sending", "deferral_over", False)
+        "deferred", "sending", "deferral_over", True)
     assert (change.defer_reason, change.deferred_until) == ("", None)
+    assert change.reason and change.reason_ru
     assert sql("SELECT defer_reason, deferred_until, deferred_at, status FROM campaigns") == [
         ("", None, None, "sending")]
     assert await refresh(database_url, ["q1"]) == []
-    assert sql("SELECT count(*) FROM outbox") == [(3,)]
+    assert sql("SELECT count(*) FROM outbox") == [(5,)]
+    [(payload,)] = sql("SELECT payload FROM outbox ORDER BY id DESC LIMIT 1")
+    event = validate(orjson.loads(bytes(payload)), Topic.CAMPAIGN_STATUS)
+    assert (event["previous_status"], event["status"], event["sequence"]) == ("deferred", "sending", 5)
 
 
 async def test_queue_state_ignores_unknown_and_untouched_campaigns(database_url: str, sql: SQL) -> None:
@@ -299,10 +306,11 @@ async def test_a_paused_campaign_has_no_queue_state(database_url: str, sql: SQL)
         ("paused", "", None, None)]
     assert sql("SELECT count(*) FROM parked_sends WHERE released_at IS NULL") == [(2,)]  # kept
 
-    # resumed: the parked sends still wait, so the deferral is back (already announced once)
+    # resumed: the parked sends still wait for the daily limit, so the deferral is back; the
+    # CRM last read `sending` (the resume), so it is told again
     changes = await lifecycle(database_url, "resume", "q3")
     assert [(c.action, c.after, c.announce) for c in changes] == [
-        ("resume", "sending", True), ("defer", "deferred", False)]
+        ("resume", "sending", True), ("defer", "deferred", True)]
     assert queue_state(sql, "q3") == ("daily_limit", T + minutes(5))
 
 

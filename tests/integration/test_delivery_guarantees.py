@@ -186,7 +186,8 @@ def test_a_451_storm_is_retried_with_backoff_and_the_campaign_completes(
 def test_421_ten_times_in_a_row_opens_the_breaker_until_resume(
     settings: Settings, services: ServiceRunner, smtp_server: SmtpServer, sql: SQL,
 ) -> None:
-    settings = replace(settings, transient_retry_seconds=600.0, sender_concurrency=1)
+    # the 10 failed sends retry after their own backoff (a resume does not cut it short)
+    settings = replace(settings, transient_retry_seconds=5.0, sender_concurrency=1)
     services.settings = settings
     smtp_server.handler.rcpt_reply = "421 4.7.0 Try again later, closing connection"
     for name in ("planner", "sender", "reconciler"):

@@ -162,7 +162,8 @@ def test_a_manager_acts_on_own_campaigns_only(
     wait_for_status(settings, services, "mine", "deferred")  # outside its hours
     asyncio.run(publish(settings, [lifecycle_message("pause", "mine", "manager-8", "not yours")]))
     _, event = pipeline.wait_for("mine", "forbidden")
-    assert event["command"] == "campaign.pause" and event["previous_status"] == "sending"
+    # previous_status: what the CRM last read of the campaign, deferred (issue 14, defect 17)
+    assert event["command"] == "campaign.pause" and event["previous_status"] == "deferred"
     assert "manager-8 may not pause a campaign of manager-7" in event["reason"]
     assert sql("SELECT actor, action, before_status, after_status FROM audit_log"
                " WHERE campaign_id = 'mine' AND action = 'forbidden_pause'") == [

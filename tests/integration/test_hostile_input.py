@@ -170,11 +170,15 @@ def test_hostile_messages_on_every_ingress_are_dead_lettered_and_good_mail_flows
         "subject": "Hello {{ name }}, {{ promo }} sale",
         "text": "Dear {{ name }}, your code is {{ code }}.",
     }, variables={"code": "SPRING", "promo": "spring"})
+    # the loop bound is each recipient's: a template the sandbox refuses whatever the data is
+    # refused at start (issue 14, defect 8), this one only fails when sending
     hanging = campaign(HANGING, template={
         "subject": "Hang",
-        "text": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        "text": "{% for i in range(n) %}{% for j in range(n) %}{% endfor %}{% endfor %}",
     })
     victims = recipients(3, domain="hang.example.com")
+    for victim in victims:
+        victim["variables"] = {"n": 100_000}
 
     def produce_bad(half: int) -> None:
         for topic, values in bad.items():

@@ -84,6 +84,7 @@ def test_start_routed_to_an_unconfigured_account_is_refused_by_planner_and_recon
     # its chunk has no campaign to join: the planner says so, nothing is sent
     orphans = [d["service"] for d in letters if d["error_type"] == "unknown_campaign"]
     assert sorted(orphans) == ["planner", "reconciler"]
-    assert sql("SELECT count(*) FROM campaigns") == [(0,)]
+    # the CRM is answered (issue 14, defect 7): the start is kept as a rejected campaign
+    assert sql("SELECT status FROM campaigns") == [("rejected",)]
     assert read_topic(settings.kafka_bootstrap_servers, topic_name(Topic.SEND_COMMANDS, settings),
                       idle=1.0, timeout=5) == []

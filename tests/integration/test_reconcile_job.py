@@ -317,12 +317,15 @@ async def test_recipients_of_a_cancelled_campaign_end_cancelled(database_url: st
     log(sql, "t2", t2[0]["email"], "sent", code=250, reply="Ok")  # it was in flight; its update lost
 
     report = await run(database_url)
-    assert found(report) == [("send_log", "t1", True), ("send_log", "t2", True), ("terminal", "t1", True)]
+    assert found(report) == [("send_log", "t1", True), ("send_log", "t2", True), ("terminal", "t1", True),
+                             ("announced", "t1", True)]  # its last event said sending (issue 14)
     assert [s for _, s in statuses(sql, "t1")] == ["sent", "cancelled", "cancelled"]
     assert [s for _, s in statuses(sql, "t2")] == ["sent", "cancelled"]
     assert counts(sql, "t1") == ("cancelled", 3, 0, 1, 0, 0, 0, 2)
     assert counts(sql, "t2") == ("cancelled", 2, 0, 1, 0, 0, 0, 1)
-    assert report.changes == []
+    # the CRM is told: t1's cancel it never heard of, t2's counts corrected (issue 14)
+    assert [(c.campaign_id, c.action, c.before, c.after, c.correction) for c in report.changes] == [
+        ("t1", "correct", "sending", "cancelled", False), ("t2", "correct", "cancelled", "cancelled", True)]
     assert (await run(database_url)).findings == []
 
 
@@ -356,14 +359,14 @@ async def test_a_dry_run_changes_nothing_and_reports_what_a_repair_does(
     assert found(dry) == [
         ("stuck", "a6", False), ("send_log", "a4", False), ("terminal", "a5", False),
         ("counts", "a1", False), ("completion", "a2", False),
-        ("queue_state", "a3", False),
+        ("queue_state", "a3", False), ("announced", "a5", False),
     ]
 
     fixed = await run(database_url)
     assert [(f.check, f.campaign_id, f.detail) for f in fixed.findings] == [
         (f.check, f.campaign_id, f.detail) for f in dry.findings]
     assert fixed.unrepaired == [fixed.findings[0]]  # only the stuck campaign is left as it was
-    assert json.loads(fixed.to_json())["repaired"] == 5
+    assert json.loads(fixed.to_json())["repaired"] == 6
 
     again = await run(database_url)
     assert found(again) == [("stuck", "a6", False)] and again.changes == []

@@ -89,14 +89,16 @@ class PasswordCheck:
 
 
 class SmtpServer:
-    """An aiosmtpd server on a free loopback port; with `auth`, it requires that login (no TLS)."""
+    """An aiosmtpd server on a free loopback port; with `auth`, it requires that login (no TLS).
+    It offers SMTPUTF8 unless `smtputf8` is False (as many real servers)."""
 
-    def __init__(self, auth: PasswordCheck | None = None) -> None:
+    def __init__(self, auth: PasswordCheck | None = None, *, smtputf8: bool = True) -> None:
         self.handler = RecordingHandler()
         self.port = free_port()
         self.auth = auth
         options: dict[str, Any] = {} if auth is None else {
             "authenticator": auth, "auth_required": True, "auth_require_tls": False}
+        options["enable_SMTPUTF8"] = smtputf8
         self._controller = Controller(self.handler, hostname="127.0.0.1", port=self.port, **options)
 
     def start(self) -> None:

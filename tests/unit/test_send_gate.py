@@ -207,6 +207,7 @@ def test_limit_request_of_a_full_account() -> None:
         warmup_cap=40,
         quota_enforced=True,
         now=now,
+        priority=int(command.get("priority", 5)),  # admission by priority and fair share (issue 14)
     )
 
 

@@ -262,11 +262,11 @@ DEFAULTS = ReplyRules.defaults()
         (454, "4.7.0 Temporary authentication failure", "transient", "slow_down", False, None),
         (421, "Service not available, closing transmission channel", "transient", "service_unavailable",
          False, None),
-        (450, "4.2.1 Mailbox busy", "transient", "mailbox_busy", False, None),
+        (450, "4.2.1 Mailbox busy", "transient", "mailbox_state", False, None),
         (450, "4.1.1 <x@example.com>: Recipient address rejected: User unknown in local recipient table",
-         "transient", "mailbox_busy", False, None),  # Postfix soft_bounce: 4xx is never a hard bounce
+         "transient", "address_state", False, None),  # Postfix soft_bounce: 4xx is never a hard bounce
         (451, "4.3.0 Local error in processing", "transient", "local_error", False, None),
-        (452, "4.2.2 Mailbox full", "transient", "insufficient_storage", False, None),
+        (452, "4.2.2 Mailbox full", "transient", "mailbox_state", False, None),
         (452, "4.3.1 Insufficient system storage", "transient", "insufficient_storage", False, None),
         (454, "4.3.0 TLS not available due to local problem", "transient", "tls_unavailable", False, None),
         (447, "Timeout waiting for data", "transient", "transient_4xx", False, None),
