@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--reject", action="append", default=[], metavar="ADDRESS",
         help="answer 550 to RCPT TO for this address (repeatable)",
     )
+    sink.add_argument("--no-smtputf8", action="store_true",
+                      help="do not offer SMTPUTF8 (only ASCII local parts can be sent)")
 
     add("settings", _settings, "print every setting: variable, default, meaning")
 

@@ -2,7 +2,8 @@
 
 Contract: `measure(settings)` returns, for each consumer group of the pipeline
 (planner, sender, reconciler), its state, member count and, per topic and
-partition it has committed on, the committed offset, the high watermark, the
+partition it has committed on (or never committed on but holding messages, which
+it will read from the earliest: `uncommitted`), the committed offset, the high watermark, the
 offset lag and the time lag in seconds (now minus the timestamp of the first
 message not yet consumed; 0 when caught up). The high watermark is the one a
 fetch reports (`get_watermark_offsets(cached=True)` after reading from the
@@ -13,7 +14,16 @@ with `members=None` (unknown), never as 0, and its members gauge is not set.
 `export(lags)` sets the kafka-lag-exporter
 style gauges `kafka_consumergroup_group_lag`, `_group_lag_seconds`,
 `_group_max_lag`, `_group_max_lag_seconds` and KMinion's
-`kminion_kafka_consumer_group_members` / `_info{state}`.
+`kminion_kafka_consumer_group_members` / `_info{state}`, and
+`mailer_consumer_group_stalled` (1 while a `ProgressWatch` flags the group).
+
+A group is stalled when messages wait for it and nothing consumes them.
+`measure` says so from one reading (`stall_reason`): no member holds its
+partitions (state empty or dead) or it is rebalancing right now. A member
+loop that keeps rejoining, or members that hold partitions and read nothing,
+show only over time: `ProgressWatch`, kept by the reconciler's exporter, flags
+a group whose committed offsets have not moved for `STALL_SECONDS` while
+messages wait, and `export` sets the gauge from it.
 """
 
 from __future__ import annotations
@@ -21,9 +31,10 @@ from __future__ import annotations
 import functools
 import time
 import uuid
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient
 from prometheus_client import Gauge
 
@@ -45,6 +56,11 @@ MAX_LAG_SECONDS = Gauge("kafka_consumergroup_group_max_lag_seconds",
 MEMBERS = Gauge("kminion_kafka_consumer_group_members", "Members of a consumer group.", ["group_id"])
 INFO = Gauge("kminion_kafka_consumer_group_info", "A consumer group's state (1 for the current one).",
              ["group_id", "state"])
+STALLED = Gauge("mailer_consumer_group_stalled",
+                "1 while a group has messages waiting and nothing consumes them.", ["group"])
+
+#: Messages waiting and committed offsets still for this long: the group is stalled (seconds).
+STALL_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,7 @@ class PartitionLag:
     high_watermark: int
     lag: int
     lag_seconds: float
+    uncommitted: bool = False  # the group never committed here: `committed` is the earliest offset
 
 
 @dataclass
@@ -67,6 +84,52 @@ class GroupLag:
     state: str
     members: int | None  # None: the broker did not say (tansu lists no members)
     partitions: list[PartitionLag] = field(default_factory=list)
+    stalled: str | None = None  # why nothing consumes what waits (`stall_reason`); None: moving
+
+
+def stall_reason(group: GroupLag) -> str | None:
+    """From one reading: why nothing consumes what waits for `group`, or None."""
+    waiting = sum(p.lag for p in group.partitions)
+    if waiting == 0:
+        return None
+    if group.state in ("empty", "dead"):
+        return f"{waiting} message(s) waiting and no member in the group: is the service running?"
+    if group.state in ("preparingrebalance", "completingrebalance"):
+        return f"{waiting} message(s) waiting while the group rebalances ({group.state})"
+    return None
+
+
+class ProgressWatch:
+    """When each group's committed offsets last moved, across readings.
+
+    Contract: `observe(groups)` returns the groups that had messages waiting in every reading
+    of the last `stall_seconds` while their committed offsets did not move, and sets their
+    `stalled` text; a group that moved, or has nothing waiting, starts counting again.
+    """
+
+    def __init__(self, stall_seconds: float = STALL_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stall_seconds = stall_seconds
+        self.clock = clock
+        self._since: dict[str, tuple[int, float]] = {}  # group -> (committed sum, since when)
+
+    def observe(self, groups: list[GroupLag]) -> set[str]:
+        now = self.clock()
+        stalled = set()
+        for g in groups:
+            waiting = sum(p.lag for p in g.partitions)
+            position = sum(p.committed for p in g.partitions)
+            seen = self._since.get(g.group)
+            if waiting == 0 or seen is None or seen[0] != position:
+                self._since[g.group] = (position, now)
+                continue
+            idle = now - seen[1]
+            if idle >= self.stall_seconds:
+                stalled.add(g.group)
+                why = g.stalled or "its members hold no partition, or read nothing"
+                g.stalled = (f"{waiting} message(s) waiting and nothing consumed for {idle:.0f} s "
+                             f"(group {g.state}): {why}")
+        return stalled
 
 
 @functools.cache
@@ -93,11 +156,13 @@ def measure(settings: Settings, timeout: float = 10.0) -> list[GroupLag]:
     committed = {settings.app_id(service): _committed(settings, service, timeout) for service in SERVICES}
     for lag in result:
         lag.partitions = _partition_lags(settings, committed.get(lag.group, []), timeout)
+        lag.stalled = stall_reason(lag)
     return result
 
 
 def _committed(settings: Settings, service: str, timeout: float) -> list[TopicPartition]:
-    """The offsets `service`'s group committed on the partitions of the topics it reads.
+    """The offsets `service`'s group committed on the partitions of the topics it reads; a
+    partition it never committed on has a negative offset (it will read from the earliest).
 
     Asked through a consumer in that group (OffsetFetch from its coordinator, found again
     when it moves), which never joins it: the AdminClient's list_consumer_group_offsets
@@ -113,7 +178,7 @@ def _committed(settings: Settings, service: str, timeout: float) -> list[TopicPa
                   for partition in sorted(metadata[topic].partitions)]
         if not wanted:
             return []
-        return [tp for tp in consumer.committed(wanted, timeout=timeout) if tp.offset >= 0]
+        return list(consumer.committed(wanted, timeout=timeout))
     except Exception:  # the broker did not answer in time: no partitions this round
         return []
 
@@ -131,7 +196,11 @@ def _group_reader(settings: Settings, service: str) -> Consumer:
 def _partition_lags(
     settings: Settings, committed: list[TopicPartition], timeout: float
 ) -> list[PartitionLag]:
-    """Read one message at each committed offset: its age, and the fetch's high watermark."""
+    """Read one message at each committed offset: its age, and the fetch's high watermark.
+
+    A partition the group never committed on waits from its earliest offset (the services
+    reset to the earliest): it is reported, marked `uncommitted`, when messages are in it.
+    """
     if not committed:
         return []
     consumer = Consumer({
@@ -140,7 +209,8 @@ def _partition_lags(
         "enable.partition.eof": True, "auto.offset.reset": "earliest",
     })
     try:
-        consumer.assign([TopicPartition(tp.topic, tp.partition, tp.offset) for tp in committed])
+        consumer.assign([TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0
+                                        else OFFSET_BEGINNING) for tp in committed])
         first: dict[tuple[str, int], float | None] = {}
         deadline = time.monotonic() + timeout
         while len(first) < len(committed) and time.monotonic() < deadline:
@@ -159,11 +229,18 @@ def _partition_lags(
         now = time.time()
         lags = []
         for tp in committed:
-            _, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), cached=True)
+            partition = TopicPartition(tp.topic, tp.partition)
+            _, high = consumer.get_watermark_offsets(partition, cached=True)
+            position = tp.offset
+            if position < 0:  # never committed: it waits from the earliest offset (ListOffsets
+                # EARLIEST, which tansu answers right); nothing ever there: not reported
+                position, _ = consumer.get_watermark_offsets(partition, timeout=timeout)
+                if high <= position:
+                    continue
             stamp = first.get((tp.topic, tp.partition))
             lags.append(PartitionLag(
-                tp.topic, tp.partition, tp.offset, max(high, tp.offset), max(0, high - tp.offset),
-                0.0 if stamp is None else max(0.0, now - stamp),
+                tp.topic, tp.partition, position, max(high, position), max(0, high - position),
+                0.0 if stamp is None else max(0.0, now - stamp), uncommitted=tp.offset < 0,
             ))
         return lags
     finally:
@@ -173,8 +250,9 @@ def _partition_lags(
 _exported_state: dict[str, str] = {}  # group -> the state its info series carries
 
 
-def export(groups: list[GroupLag]) -> None:
-    """Set the lag gauges from a measurement; a group's info series carries its current state only."""
+def export(groups: list[GroupLag], stalled: Collection[str] = ()) -> None:
+    """Set the lag gauges from a measurement, and the stall gauge from `stalled` (the groups a
+    `ProgressWatch` flagged); a group's info series carries its current state only."""
     for g in groups:
         if g.members is not None:
             MEMBERS.labels(g.group).set(g.members)
@@ -188,6 +266,7 @@ def export(groups: list[GroupLag]) -> None:
             LAG_SECONDS.labels(g.group, p.topic, str(p.partition)).set(p.lag_seconds)
         MAX_LAG.labels(g.group).set(max((p.lag for p in g.partitions), default=0))
         MAX_LAG_SECONDS.labels(g.group).set(max((p.lag_seconds for p in g.partitions), default=0.0))
+        STALLED.labels(g.group).set(1 if g.group in stalled else 0)
 
 
 def lag_lines(groups: list[GroupLag]) -> list[str]:
@@ -196,6 +275,9 @@ def lag_lines(groups: list[GroupLag]) -> list[str]:
     for group in groups:
         members = "?" if group.members is None else group.members
         lines.append(f"{group.group}  state={group.state}  members={members}")
-        lines += [f"  {p.topic}[{p.partition}]  committed={p.committed}  high={p.high_watermark}"
+        if group.stalled:
+            lines.append(f"  STALLED: {group.stalled}")
+        lines += [f"  {p.topic}[{p.partition}]  committed={'-' if p.uncommitted else p.committed}"
+                  f"  high={p.high_watermark}"
                   f"  lag={p.lag}  lag_seconds={p.lag_seconds:.1f}" for p in group.partitions]
     return lines or ["no consumer group of the pipeline found"]

@@ -5,7 +5,9 @@ Contract: `SinkHandler` is an aiosmtpd handler that answers
 reject (case-insensitive), accepts everything else, counts delivered messages
 and keeps the accepted recipients in memory (the most recent `keep` of them,
 all when `keep` is None). `start_server()` serves a handler on host:port in
-the running event loop. `run_sink(args)` is the `mailer smtp-sink` command: it
+the running event loop; it offers SMTPUTF8 unless `smtputf8=False` (`mailer
+smtp-sink --no-smtputf8`: a server as many real ones, where only an ASCII
+local part can be sent). `run_sink(args)` is the `mailer smtp-sink` command: it
 serves until SIGTERM or SIGINT, prints a line per 1,000 messages and a total,
 and returns 0.
 """
@@ -65,14 +67,16 @@ class SinkHandler:
         return "250 Message accepted for delivery"
 
 
-async def start_server(handler: SinkHandler, host: str, port: int) -> asyncio.Server:
+async def start_server(
+    handler: SinkHandler, host: str, port: int, *, smtputf8: bool = True
+) -> asyncio.Server:
     """Serve `handler` on host:port in the running loop (port 0: any free port)."""
     loop = asyncio.get_running_loop()
 
     def factory() -> SMTP:
         # A fixed hostname avoids a reverse DNS lookup per connection; no call
         # limit, because a pooled client sends many messages on one connection.
-        return SMTP(handler, hostname="smtp-sink", enable_SMTPUTF8=True, loop=loop)
+        return SMTP(handler, hostname="smtp-sink", enable_SMTPUTF8=smtputf8, loop=loop)
 
     return await loop.create_server(factory, host=host, port=port)
 
@@ -82,9 +86,9 @@ def _report(count: int) -> None:
         print(f"smtp-sink: {count} messages", flush=True)
 
 
-async def _serve(host: str, port: int, reject: list[str]) -> SinkHandler:
+async def _serve(host: str, port: int, reject: list[str], smtputf8: bool = True) -> SinkHandler:
     handler = SinkHandler(reject, keep=REPORT_EVERY, on_message=_report)
-    server = await start_server(handler, host, port)
+    server = await start_server(handler, host, port, smtputf8=smtputf8)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -104,7 +108,8 @@ def run_sink(args: argparse.Namespace) -> int:
     """`mailer smtp-sink`: serve until SIGTERM/SIGINT, then print the total."""
     reject: list[str] = list(getattr(args, "reject", []) or [])
     try:
-        handler = asyncio.run(_serve(args.host, args.port, reject))
+        handler = asyncio.run(_serve(args.host, args.port, reject,
+                                     not getattr(args, "no_smtputf8", False)))
     except OSError as exc:
         print(f"smtp-sink: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1

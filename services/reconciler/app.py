@@ -36,7 +36,7 @@ from services.pipeline import faust_app
 from services.pipeline.accounts import load_accounts
 from services.pipeline.admission import Admissions, rejected_command
 from services.pipeline.clock import clock_from_settings
-from services.pipeline.consumer_lag import export, measure
+from services.pipeline.consumer_lag import ProgressWatch, export, measure
 from services.pipeline.contract import Message
 from services.pipeline.db import open_pool
 from services.pipeline.dead_letters import DeadLetters
@@ -347,9 +347,19 @@ def create_reconciler_app(settings: Settings) -> faust.App:
 
     @app.task
     async def export_consumer_lag() -> None:
+        watch = ProgressWatch()
+        said: set[str] = set()  # the stalled groups already logged, said once per stall
+
         async def measure_lag() -> None:
             lags = await asyncio.get_running_loop().run_in_executor(None, measure, settings)
-            export(lags)
+            stalled = watch.observe(lags)
+            for lag in lags:
+                if lag.group in stalled and lag.group not in said:
+                    log.warning("consumer group stalled", extra={
+                        "event": "consumer_group.stalled", "group": lag.group, "reason": lag.stalled})
+            said.intersection_update(stalled)
+            said.update(stalled)
+            export(lags, stalled)
 
         await every(LAG_INTERVAL, measure_lag, "consumer lag", reconciler.stopping)
 

@@ -18,7 +18,9 @@ reservation are milliseconds apart), never later than now. Claim times are
 Postgres wall times, converted to the pipeline clock (identity in production).
 A restored token is a placeholder: if its send reserves after the rebuild
 (it was claimed but not yet granted), the script decides afresh instead of
-taking the placeholder as a grant. The quota is not restored here: the quota
+taking the placeholder as a grant; and if its claim is given up instead (the
+send was refused while the state was missing, and parked), the next passes
+give the placeholder back (`WATCH_SECONDS` after the rebuild). The quota is not restored here: the quota
 sync sets it again on its next poll.
 """
 
@@ -44,6 +46,9 @@ log = logging.getLogger(__name__)
 #: How much later than its claim a send's reservation may be (clock seconds); a restored
 #: unfinished claim counts from its claim time plus this, so it never frees before its token.
 CLAIM_SLACK = 60.0
+#: How long (wall seconds) after a rebuild its placeholders of unfinished claims are watched: a
+#: claim refused while the state was missing is given up within milliseconds of the refusal.
+WATCH_SECONDS = 60.0
 LOOKBACK = timedelta(hours=25)
 
 _SENDS = """
@@ -89,6 +94,7 @@ async def restore_if_lost(
     """Restore the limiter's state when Redis has lost it; True when it did."""
     try:
         if not await limiter.needs_restore():
+            await _drop_given_up(pool, limiter)
             return False
     except (RedisError, OSError) as exc:  # Redis is down: nothing to restore into yet
         log.debug("limiter state not checked: %s", type(exc).__name__)
@@ -99,11 +105,14 @@ async def restore_if_lost(
                                           "since": clock.now() - LOOKBACK})
         rows = await cur.fetchall()
     entries = []
+    unfinished = []
     for token, account_name, campaign_id, manager_id, recipient, claimed, finished, occurred in rows:
         account = accounts.get(account_name)
         if account is None:
             continue
         at = restore_time(clock, now, claimed, finished, occurred)
+        if claimed is not None and finished is None and occurred is None:
+            unfinished.append(token)
         day, next_midnight = local_day(datetime.fromtimestamp(at, UTC), account.time_zone)
         throttle = account.domain_throttle(recipient)
         entries.append(RestoredSend(
@@ -113,10 +122,35 @@ async def restore_if_lost(
         ))
     restored = await limiter.restore(entries, now=now)
     if restored:
+        deadline = time.monotonic() + WATCH_SECONDS
+        limiter.unconfirmed = dict.fromkeys(unfinished, deadline)
         # info: a first start looks the same; the limiter itself warns about a Redis outage
         log.info("limiter state (re)built in Redis from %d sends of the last 25 h (claims and send_log)",
                  len(entries))
     return restored
+
+
+async def _drop_given_up(pool: AsyncConnectionPool, limiter: Limiter) -> None:
+    """Give back the placeholders of unfinished claims that were given up since the rebuild (the
+    send was refused while the state was missing, and parked): nothing of theirs was sent."""
+    if not limiter.unconfirmed:
+        return
+    wall = time.monotonic()
+    limiter.unconfirmed = {t: d for t, d in limiter.unconfirmed.items() if d > wall}
+    tokens = list(limiter.unconfirmed)
+    ids = [t.rsplit(":", 1) for t in tokens]
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT t.s::text || ':' || t.a FROM unnest(%s::uuid[], %s::int[]) AS t(s, a)"
+            " WHERE NOT EXISTS (SELECT 1 FROM send_claims c WHERE c.send_id = t.s AND c.attempt = t.a)",
+            ([i[0] for i in ids], [int(i[1]) for i in ids]),
+        )
+        gone = [str(row[0]) for row in await cur.fetchall()]
+    for token in gone:
+        await limiter.drop_placeholder(token)
+        limiter.unconfirmed.pop(token, None)
+    if gone:
+        log.info("limiter: %d placeholders of claims given up after the rebuild given back", len(gone))
 
 
 async def refresh_demand(

@@ -28,6 +28,7 @@
 --   record   -> takes like a granted reserve without checking (replays grants made during an
 --               outage) when the epoch still equals ARGV[14]; 1 when it took, 0 otherwise
 -- refund   KEYS: 1 token record            -> 1 when something was given back, 0 for an unknown token
+-- unplace  KEYS: 1 token record            -> like refund, only for a restored placeholder (r=1)
 -- feedback KEYS: 1 account factor [, 2 domain factor]; ARGV: mode, slow (0/1), slow factor,
 --          min factor, recover step          -> new account factor
 -- restore  KEYS: 1 epoch, 2 lock, then 6 per entry: token record, account ZSET, campaign ZSET,
@@ -317,6 +318,11 @@ if mode == 'record' then
 end
 
 if mode == 'refund' then
+  return give_back(KEYS[1], ARGV[2])
+end
+
+if mode == 'unplace' then
+  if redis.call('HGET', KEYS[1], 'r') ~= '1' then return 0 end
   return give_back(KEYS[1], ARGV[2])
 end
 

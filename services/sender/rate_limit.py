@@ -155,6 +155,8 @@ class Limiter:
         self._outage_since: float | None = None
         self._probe_after = 0.0
         self._epoch = ""  # the epoch Redis last showed us
+        #: placeholders this process restored for unfinished claims -> wall deadline to watch them
+        self.unconfirmed: dict[str, float] = {}
         for operation in ("reserve", "capacity", "refund", "feedback"):
             REDIS_ERRORS.labels(operation)  # at 0 from the start: the first error shows in increase()
 
@@ -219,6 +221,11 @@ class Limiter:
         except OUTAGE_ERRORS as exc:
             self._failed("refund", exc)
             log.info("limiter: refund of %s lost, Redis unreachable", req.token_id)
+
+    async def drop_placeholder(self, token_id: str) -> bool:
+        """Give back a token `restore()` wrote that no send took over (its claim was given up);
+        a token granted since is left alone. True when something was given back."""
+        return int(await self._eval([token_key(self.keys, token_id)], ["unplace", token_id])) == 1
 
     async def feedback(self, account: str, domain_group: str | None, *, slow_down: bool) -> float:
         """Slow the account (and domain group) down, or let it recover; the account's new factor."""

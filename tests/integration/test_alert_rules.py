@@ -27,6 +27,7 @@ PLAYBOOK_SECTIONS = {
     f"docs/ONCALL_PLAYBOOK.md#{anchor}"
     for anchor in (
         "sending-stalled", "quota-exhausted", "redis-down", "campaign-stuck", "consumer-lag-growing",
+        "consumer-group-stalled",
         "dead-letters-appearing", "circuit-breaker-open", "queue-too-deep", "failure-ratio-high",
     )
 }

@@ -231,18 +231,21 @@ def test_d9_redis_flushed_at_several_moments_of_a_burst_never_reopens_the_hour(
             client.flushdb()  # Redis came back empty: every key gone, the epoch too
             flushed_at.append(len(smtp_server.messages()))
             wait_until("the limiter rebuilt", lambda: bool(client.exists(epoch)), services)
-        wait_until("every recipient sent or parked", lambda: sql(
-            "SELECT (SELECT count(*) FROM parked_sends WHERE released_at IS NULL)"
-            " + (SELECT count(*) FROM recipients WHERE status = 'sent')") == [(1000,)], services)
+        settled = "SELECT status, count(*) FROM recipients GROUP BY status ORDER BY 1"
+        with contextlib.suppress(AssertionError):  # a reopened hour never settles: counted below
+            wait_until("every recipient sent or waiting for the hour", lambda: view(
+                settings, "burst").get("defer_reason") == "rate_per_hour" and dict(sql(settled)).get(
+                "pending", 0) == 0, services, timeout=60)
         time.sleep(3)  # release passes and sender retries: nothing more may get through
         delivered = len(smtp_server.messages())
         parked = view(settings, "burst")
+        statuses = sql(settled)
     client.close()
-    print(f"\nflushed at {flushed_at} delivered; {delivered} delivered in the hour")
+    print(f"\nflushed at {flushed_at} delivered; {delivered} delivered in the hour; {statuses}")
     # never more than the hour's 300; at most the sends in flight at each flush (claimed, not yet
     # granted, counted as placeholders until they come back) less: 2 senders x 4 at a time
     assert 300 - 8 * len(flushed_at) <= delivered <= 300, (flushed_at, delivered)
-    assert parked["status"] == "deferred" and parked["defer_reason"] == "rate_per_hour"
+    assert parked["status"] == "deferred" and parked["defer_reason"] == "rate_per_hour", parked
 
 
 
@@ -325,6 +328,11 @@ async def test_d9_lua_a_restored_placeholder_is_decided_afresh_not_taken_as_a_gr
     # holds its placeholder; it is given back and the send decided afresh (59 others: room for it)
     assert (await limiter.reserve(_req("c", None, 0))).granted
     assert not (await limiter.reserve(_req("c", None, 999))).granted  # 60/60 again
+    # a placeholder whose claim was given up is given back; a real grant never is
+    assert await limiter.drop_placeholder("c-1:1")
+    assert not await limiter.drop_placeholder("c-0:1")  # granted afresh above
+    assert not await limiter.drop_placeholder("c-1:1")  # once
+    assert (await limiter.capacity(_req("c", None, 0))).available == 1
 
 
 @pytest.mark.parametrize(("first", "second", "a_moment_later"),

@@ -89,7 +89,8 @@ def test_any_text_reads_back_as_the_email_package_s(
     raw, reference = built.data, email_message(cmd, rendered, DATE, MESSAGE_ID).as_bytes()
     ours, theirs = parsed(raw), parsed(reference)
     assert str(ours["Subject"]) == subject
-    assert ours["To"].addresses[0].display_name == name
+    # a reader collapses a phrase's runs of spaces (the email package's message reads so too)
+    assert ours["To"].addresses[0].display_name == " ".join(p for p in name.split(" ") if p)
     for header in ("From", "Date", "Message-ID"):
         assert str(ours[header]) == str(theirs[header]), header
     assert ours["To"].addresses[0].addr_spec == theirs["To"].addresses[0].addr_spec
