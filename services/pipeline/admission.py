@@ -303,6 +303,8 @@ class Admissions:
         row = await cur.fetchone()
         owner, recorded = (row[0], row[1]) if row is not None else (start["manager_id"], None)
         answer = None
+        if found.decision == "forbidden" and recorded in (None, digest):
+            return found  # the forbidden start itself, again (the other service, a replay)
         if not permitted(start["actor_id"], start["actor_role"], owner):
             en, ru = forbidden_texts(start["actor_id"], "start", owner)
             answer = Admission("forbidden", "forbidden", en, ru, command_only=True)

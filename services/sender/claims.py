@@ -86,14 +86,18 @@ class Claim:
 
     async def release(self) -> None:
         """Give the claim up before anything went to SMTP (the gate parked the send): its row
-        is deleted, so the parked command, coming back with the same attempt, can claim it.
+        is deleted, so the parked command, coming back with the same attempt, can claim it,
+        and a breaker probe it held is free for the next send.
         A Postgres outage is waited out (on a new connection)."""
         delete = (  # committed synchronously, as the claim was: a crash must not bring it back
-            "WITH sync AS (SELECT set_config('synchronous_commit', 'on', true))"
+            "WITH sync AS (SELECT set_config('synchronous_commit', 'on', true)),"
+            # a half-open breaker's probe that was parked: the next send may probe at once
+            " unprobe AS (UPDATE circuit_breakers SET probe_send = NULL, probe_at = NULL"
+            "             WHERE probe_send = %s::uuid)"
             " DELETE FROM send_claims WHERE send_id = %s AND attempt = %s AND result IS NULL"
             " AND EXISTS (SELECT 1 FROM sync)"
         )
-        params = (self.send_id, self.attempt)
+        params = (self.send_id, self.send_id, self.attempt)
         try:
             await self._conn.execute(delete, params)
             return
