@@ -207,11 +207,13 @@ def _partition_lags(
         **client_config(settings, reporter=_reporter(settings)),
         "group.id": f"mailer-lag-{uuid.uuid4().hex}", "enable.auto.commit": False,
         "enable.partition.eof": True, "auto.offset.reset": "earliest",
+        "fetch.wait.max.ms": 20,  # an empty partition answers EOF at once, not after 500 ms
     })
     try:
         consumer.assign([TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0
                                         else OFFSET_BEGINNING) for tp in committed])
         first: dict[tuple[str, int], float | None] = {}
+        start: dict[tuple[str, int], int] = {}  # offset of the first message read
         deadline = time.monotonic() + timeout
         while len(first) < len(committed) and time.monotonic() < deadline:
             msg = consumer.poll(0.2)
@@ -226,17 +228,18 @@ def _partition_lags(
                     first[key] = None  # caught up
                 continue
             first[key] = msg.timestamp()[1] / 1000.0
+            start[key] = int(msg.offset() or 0)
         now = time.time()
         lags = []
         for tp in committed:
             partition = TopicPartition(tp.topic, tp.partition)
             _, high = consumer.get_watermark_offsets(partition, cached=True)
             position = tp.offset
-            if position < 0:  # never committed: it waits from the earliest offset (ListOffsets
-                # EARLIEST, which tansu answers right); nothing ever there: not reported
-                position, _ = consumer.get_watermark_offsets(partition, timeout=timeout)
-                if high <= position:
+            if position < 0:  # never committed: it waits from the earliest message (the first
+                # one read from the beginning); nothing there, or no answer: not reported
+                if (tp.topic, tp.partition) not in start:
                     continue
+                position = start[(tp.topic, tp.partition)]
             stamp = first.get((tp.topic, tp.partition))
             lags.append(PartitionLag(
                 tp.topic, tp.partition, position, max(high, position), max(0, high - position),

@@ -68,11 +68,18 @@ def test_services_serve_metrics_during_a_campaign(
     assert value(reconciler, "mailer_campaign_stalled_seconds") == 0
     assert value(reconciler, 'mailer_circuit_breakers_open{scope="account"}') == 0
     assert "mailer_dead_letters_total" in scrape(ports["planner"])
-    # the reconciler exports the consumer groups' lag (services/pipeline/consumer_lag.py)
+    # the reconciler exports the consumer groups' lag (services/pipeline/consumer_lag.py) every
+    # 15 s, the first time once it has measured every group (a few seconds after it starts)
     sender_group = settings.app_id("sender")
+    deadline = time.monotonic() + 30
+    while f'kminion_kafka_consumer_group_info{{group_id="{sender_group}",' not in reconciler \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+        reconciler = scrape(ports["reconciler"])
     states = [line for line in reconciler.splitlines()
               if line.startswith(f'kminion_kafka_consumer_group_info{{group_id="{sender_group}",')]
     assert len(states) == 1 and states[0].endswith(" 1.0"), states  # the current state only
     assert f'kafka_consumergroup_group_max_lag_seconds{{group="{sender_group}"}}' in reconciler
+    assert value(reconciler, f'mailer_consumer_group_stalled{{group="{sender_group}"}}') == 0
     for text in (sender, reconciler):
         assert "metrics.example.com" not in text and "measured" not in text  # no per-recipient labels

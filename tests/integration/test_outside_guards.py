@@ -64,16 +64,6 @@ def poll(settings: Settings, campaign_id: str, lang: str = "en") -> tuple[int, d
                     headers={"Accept-Language": lang})
 
 
-def wait_until(what: str, check: Callable[[], bool], services: ServiceRunner, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        services.check_alive()
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}\n{services.logs()}")
-
-
 def dead_letters(settings: Settings, expect: int | None = None) -> list[dict[str, Any]]:
     return [orjson.loads(m.value()) for m in read_topic(
         settings.kafka_bootstrap_servers, topic_name(Topic.DEAD_LETTERS, settings), expect=expect,
