@@ -123,7 +123,9 @@ def _at(clock: Clock, seconds: float | None) -> str | None:
 
 async def _postgres_figures(conn: AsyncConnection, account: str) -> dict[str, Any]:
     breaker = await fetch_dicts(
-        conn, "SELECT consecutive, opened_at FROM circuit_breakers WHERE scope = 'account' AND key = %s",
+        conn,
+        "SELECT consecutive, opened_at, probe_after, opened_at IS NOT NULL AND probe_after <= now()"
+        " AS half_open FROM circuit_breakers WHERE scope = 'account' AND key = %s",
         (account,),
     )
     parked = await fetch_dicts(
@@ -132,7 +134,8 @@ async def _postgres_figures(conn: AsyncConnection, account: str) -> dict[str, An
         " WHERE account = %s AND released_at IS NULL GROUP BY reason ORDER BY 3",
         (account,),
     )
-    b = breaker[0] if breaker else {"consecutive": 0, "opened_at": None}
+    b = breaker[0] if breaker else {"consecutive": 0, "opened_at": None, "probe_after": None,
+                                    "half_open": False}
     return {"breaker": {"open": b["opened_at"] is not None, **b}, "parked": parked}
 
 
@@ -161,8 +164,14 @@ def limiter_lines(state: dict[str, Any]) -> list[str]:
             lines.append("  quota        no provider quota" if q is None else
                          f"  quota        {remaining} remaining, synced {when(q['synced_at'])}")
         b = a["breaker"]
-        lines.append(f"  breaker      {'OPEN since ' + when(b['opened_at']) if b['open'] else 'closed'}"
-                     f" ({b['consecutive']} consecutive failures)")
+        if not b["open"]:
+            breaker_state = "closed"
+        elif b.get("half_open"):
+            breaker_state = f"HALF-OPEN since {when(b['probe_after'])} (one probe send at a time)"
+        else:
+            probe = f", probe after {when(b['probe_after'])}" if b.get("probe_after") else ""
+            breaker_state = f"OPEN since {when(b['opened_at'])}{probe}"
+        lines.append(f"  breaker      {breaker_state} ({b['consecutive']} consecutive failures)")
         lines += ["  " + line for line in table(
             [[p["reason"], str(p["waiting"]), when(p["next_due"])] for p in a["parked"]],
             ["parked for", "waiting", "next due"],

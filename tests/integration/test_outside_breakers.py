@@ -220,6 +220,8 @@ def test_d12_ops_breaker_reset_closes_an_account_breaker_and_is_audited(
     wait_until("the breakers", lambda: status(sql, "broken") == "paused", services)
     start_campaign(settings, "later", 10)
     wait_until("the later campaign held", lambda: status(sql, "later") == "paused", services)
+    limiter = ops(services, "limiter")
+    assert "breaker      OPEN since" in limiter.stdout and ", probe after " in limiter.stdout
     unknown = ops(services, "breaker", "reset", "nosuch", "--actor", "oncall-1")
     assert unknown.returncode == 2 and "no account" in unknown.stderr
     reset = ops(services, "breaker", "reset", "default", "--actor", "oncall-1", "--reason", "relay fixed")

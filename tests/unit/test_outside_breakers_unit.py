@@ -141,3 +141,25 @@ def test_d12_the_playbook_says_how_an_account_breaker_closes() -> None:
     section = playbook.split("## Circuit breaker open", 1)[1].split("\n## ", 1)[0]
     assert "mailer ops breaker reset <account> --actor" in section
     assert "half-open" in section and "MAILER_BREAKER_COOLDOWN" in section
+
+
+def test_d12_ops_limiter_says_open_half_open_or_closed() -> None:
+    from datetime import UTC, datetime
+
+    from services.ops.limiter_view import limiter_lines
+
+    opened, probe = datetime(2026, 12, 6, 4, 0, tzinfo=UTC), datetime(2026, 12, 6, 4, 5, tzinfo=UTC)
+
+    def breaker_line(**breaker: object) -> str:
+        state = {"redis": "ok", "limiter_state": "", "accounts": [
+            {"account": "default", "breaker": breaker, "parked": []}]}
+        return next(line for line in limiter_lines(state) if line.startswith("  breaker"))
+
+    assert breaker_line(open=False, consecutive=0, opened_at=None, probe_after=None,
+                        half_open=False) == "  breaker      closed (0 consecutive failures)"
+    assert breaker_line(open=True, consecutive=10, opened_at=opened, probe_after=probe,
+                        half_open=False) == ("  breaker      OPEN since 2026-12-06 04:00:00 UTC, probe "
+                                             "after 2026-12-06 04:05:00 UTC (10 consecutive failures)")
+    assert breaker_line(open=True, consecutive=10, opened_at=opened, probe_after=probe,
+                        half_open=True) == ("  breaker      HALF-OPEN since 2026-12-06 04:05:00 UTC "
+                                            "(one probe send at a time) (10 consecutive failures)")
