@@ -201,8 +201,13 @@ def kafka_tool(main_class: str, *args: str, timeout: float = 120.0) -> str:
 
 
 def new_cluster_id() -> str:
-    """A random KRaft cluster id (a Kafka Uuid: 16 bytes, URL-safe base64 without padding)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """A random KRaft cluster id (a Kafka Uuid: 16 bytes, URL-safe base64 without padding),
+    never starting with "-": kafka-storage would read it as an option (one id in 64 did, and
+    failed a CI run); Kafka's own `Uuid.randomUuid` draws again for the same reason."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _log4j_properties(logs: Path) -> str:
@@ -286,7 +291,7 @@ def _write_properties(path: Path, props: dict[str, str]) -> None:
 
 
 def _format(node: KafkaNode, libs: Path, cluster_id: str, secure: SecureListener | None) -> None:
-    args = ["format", "-t", cluster_id, "-c", str(node.folder / "server.properties")]
+    args = ["format", f"--cluster-id={cluster_id}", "-c", str(node.folder / "server.properties")]
     if secure is not None:
         for user, password in secure.users.items():
             args += ["--add-scram", f"{secure.mechanism}=[name={user},password={password}]"]
