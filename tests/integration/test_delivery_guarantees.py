@@ -263,7 +263,9 @@ def test_postgres_refusing_connections_mid_campaign_is_waited_out(
     assert max(delivered.values()) == 1
     with psycopg.connect(settings.database_url) as conn:  # the fixture's connection was cut too
         final = dict(conn.execute("SELECT status, count(*) FROM recipients GROUP BY status").fetchall())
-    assert sum(final.values()) == 1500 and set(final) <= {"sent", "unknown"}
+    # a send that reached SMTP while Postgres was away has its result recorded once Postgres
+    # answers (within MAILER_CLAIM_TIMEOUT): sent, never unknown (issue 14, defect 5)
+    assert final == {"sent": 1500} and sum(delivered.values()) == 1500
     print(f"\nPostgres refused connections for 5s mid-campaign: {final}, completed "
           f"{recovered:.0f}s after it went down")
 
@@ -333,5 +335,7 @@ def test_broker_connection_cut_and_restored_mid_campaign(
     delivered = smtp_server.delivered()
     assert len(delivered) == 1500 and max(delivered.values()) == 1
     final = states(sql, "netcut")
-    assert sum(final.values()) == 1500 and set(final) <= {"sent", "unknown"}
+    # a send that reached SMTP while Postgres was away has its result recorded once Postgres
+    # answers (within MAILER_CLAIM_TIMEOUT): sent, never unknown (issue 14, defect 5)
+    assert final == {"sent": 1500} and sum(delivered.values()) == 1500
     print(f"\nbroker connections cut for 5s mid-campaign: {final}, completed {recovered:.0f}s after")
