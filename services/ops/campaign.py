@@ -81,6 +81,13 @@ def campaign_lines(c: dict[str, Any]) -> list[str]:
         f"progress   started {when(c['started_at'])}   last sent {when(c['last_sent_at'])}"
         f"   last outcome {when(c['last_outcome_at'])}   updated {when(c['updated_at'])}",
     ]
+    if c.get("refused_chunks"):
+        lines.append("refused chunks:")
+        lines += ["  " + line for line in table(
+            [[str(r["chunk_index"]), r["reason_code"], "yes" if r["waiting"] else "no (not declared)",
+              r["reason"]] for r in c["refused_chunks"]],
+            ["chunk", "code", "waited for", "reason"],
+        )]
     for scope, b in c["circuit_breaker"].items():
         state = f"OPEN since {when(b['opened_at'])}" if b["open"] else "closed"
         lines.append(f"breaker    {scope}: {state} ({b['consecutive']} consecutive failures)")

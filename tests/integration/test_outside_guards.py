@@ -232,6 +232,10 @@ def test_d7_a_campaign_waiting_for_a_refused_chunk_says_so_and_ops_stuck_flags_i
     stuck = mailer(services, "ops", "stuck")
     assert stuck.returncode == 1, (stuck.stdout, stuck.stderr)
     assert "orphaned" in stuck.stdout and "chunk 0" in stuck.stdout, stuck.stdout
+    inspected = mailer(services, "ops", "campaign", "orphaned")
+    assert "refused chunks:" in inspected.stdout, inspected.stdout
+    assert any(line.split()[:3] == ["0", "chunk_invalid", "yes"]
+               for line in inspected.stdout.splitlines()), inspected.stdout
     assert not smtp_server.messages()
 
 
